@@ -1,0 +1,136 @@
+"""The device interface: what the torch model and the training loop need from an accelerator.
+
+A backend is one file in this folder. It describes its device as data (`Capabilities`), owns every
+device-specific call (memory, seeding, autocast, loss scaling), and supplies the `Kernels` the model
+runs on. Nothing outside `backends/` touches `torch.cuda`, `torch.npu` or `torch_npu`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device can do, read from the running hardware.
+
+    Attributes:
+        device_name: Human-readable name of device 0 ("cpu", "NVIDIA H200", "Ascend910B3").
+        device_count: Number of visible devices of this kind.
+        memory_total: Bytes of memory on device 0 (0 when unknown).
+        bf16: bfloat16 compute is supported and fast enough to train in.
+        fp16: float16 compute is supported (training in it needs loss scaling).
+        dist_backend: torch.distributed backend for this device: "gloo", "nccl" or "hccl".
+        visible_devices_env: Environment variable that selects visible devices, or None.
+    """
+
+    device_name: str
+    device_count: int
+    memory_total: int
+    bf16: bool
+    fp16: bool
+    dist_backend: str
+    visible_devices_env: Optional[str]
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Memory use in bytes: currently allocated, reserved by the allocator, and peak allocated."""
+
+    allocated: int
+    reserved: int
+    peak: int
+
+
+class RmsNormFn(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension, computed in float32, returned in x's dtype."""
+
+
+class RotaryFn(Protocol):
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """ChatGLM rotary embedding.
+
+        x is [batch, seq, heads, head_dim]; cos and sin are [batch or 1, seq, rot/2]. The first `rot`
+        channels of each head are rotated as interleaved pairs (x0, x1), (x2, x3), ...; the rest pass.
+        """
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention with grouped KV heads.
+
+        q is [batch, heads, q_len, dim]; k and v are [batch, kv_heads, kv_len, dim] with heads a
+        multiple of kv_heads (query head i reads KV head i // (heads // kv_heads)). `mask` is a boolean
+        tensor broadcastable to [batch, heads, q_len, kv_len], True where attention is allowed.
+        `causal` lets query i see keys up to kv_len - q_len + i (aligned to the end, as with a KV
+        cache). Scale 1/sqrt(dim); softmax in float32; result in q's dtype, [batch, heads, q_len, dim].
+        """
+
+
+class SwigluFn(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(first half of the last dim) * second half."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The model's device-sensitive math. `backends/reference.py` holds the eager reference of each."""
+
+    rms_norm: RmsNormFn
+    rotary: RotaryFn
+    attention: AttentionFn
+    swiglu: SwigluFn
+
+
+class Backend(Protocol):
+    """One accelerator family. Every method is safe to call after `setup()`."""
+
+    name: str
+    kernels: Kernels
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The device described as data; callers check it rather than catching failures."""
+
+    def setup(self) -> None:
+        """One-time process setup (compile mode, allocator settings). Logs what it changes."""
+
+    def device(self, index: int = 0) -> torch.device:
+        """The torch device for local device `index`."""
+
+    def synchronize(self) -> None:
+        """Wait for all queued work on the device (for timing)."""
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed the device's random generators (the CPU generator is seeded by the caller)."""
+
+    def memory_stats(self) -> MemoryStats:
+        """Current, reserved and peak memory of this process on the device."""
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window."""
+
+    def empty_cache(self) -> None:
+        """Return cached, unused memory to the device."""
+
+    def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for `dtype`; a no-op context for float32."""
+
+    def grad_scaler(self, dtype: torch.dtype) -> Optional[torch.amp.GradScaler]:
+        """A dynamic loss scaler when training in float16, else None."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested device cannot be used here; the message says what is missing and the fix."""

@@ -1,0 +1,109 @@
+"""The CPU backend: the reference kernels (attention through torch's fused SDPA), fp32 or bf16, gloo.
+
+This is the backend CI, laptops and the built-in demo run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import Capabilities, MemoryStats
+from .reference import REFERENCE_KERNELS, causal_mask
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """The attention kernel through `torch.nn.functional.scaled_dot_product_attention`.
+
+    torch's own `is_causal` aligns the triangle to the start, so a causal call with a KV cache
+    (q_len < kv_len) passes the end-aligned triangle as an explicit mask instead.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if causal and (mask is not None or q_len != kv_len):
+        tri = causal_mask(q_len, kv_len, q.device)
+        mask = tri if mask is None else mask & tri
+        causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A memory field ("VmRSS", "VmHWM") of /proc/self/status in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class CPUBackend:
+    """Process memory stands in for device memory: resident set size, and its high-water mark."""
+
+    name = "cpu"
+    kernels = replace(REFERENCE_KERNELS, attention=sdpa_attention)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        return Capabilities(
+            device_name="cpu",
+            device_count=1,
+            memory_total=total,
+            bf16=True,
+            fp16=False,  # fp16 matmuls on CPU are slow and gain nothing over bf16
+            dist_backend="gloo",
+            visible_devices_env=None,
+        )
+
+    def setup(self) -> None:
+        pass
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def synchronize(self) -> None:
+        pass
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def memory_stats(self) -> MemoryStats:
+        rss = _proc_status_bytes("VmRSS") or 0
+        peak = _proc_status_bytes("VmHWM")
+        if peak is None:  # ru_maxrss is KiB on Linux, bytes on macOS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return MemoryStats(allocated=rss, reserved=rss, peak=peak)
+
+    def reset_peak_memory(self) -> None:
+        # Linux resets the VmHWM high-water mark when "5" is written to clear_refs.
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def empty_cache(self) -> None:
+        pass
+
+    def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=dtype)
+
+    def grad_scaler(self, dtype: torch.dtype) -> Optional[torch.amp.GradScaler]:
+        return torch.amp.GradScaler("cpu") if dtype == torch.float16 else None

@@ -1,0 +1,66 @@
+"""Eager reference kernels: the definition of the model's math that every backend is tested against.
+
+They follow the official ChatGLM3 `modeling_chatglm.py` (THUDM/chatglm3-6b): RMSNorm in float32,
+rotary embedding on interleaved pairs of the first half of each head, grouped-query attention with a
+float32 softmax, and SwiGLU over a fused [gate, up] projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import Kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (weight * (x * torch.rsqrt(variance + eps))).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)  # broadcast over heads
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] boolean mask, True where query i may see key j (aligned to the end)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = mask
+    if causal:
+        tri = causal_mask(q.shape[2], k.shape[2], q.device)
+        allowed = tri if allowed is None else allowed & tri
+    if allowed is not None:
+        # A finite fill keeps rows with no allowed key finite (uniform) instead of NaN.
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v).to(q.dtype)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+REFERENCE_KERNELS = Kernels(rms_norm=rms_norm, rotary=rotary, attention=attention, swiglu=swiglu)

@@ -1,0 +1,1 @@
+"""Framework-neutral parts: config, data, the training loop, checkpoints, the CLI."""

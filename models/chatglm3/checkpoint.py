@@ -1,0 +1,226 @@
+"""Loading official ChatGLM3 checkpoint folders: config.json, weights (sharded or not, safetensors or
+pickle), tokenizer.model. Only files are read; no code from the folder runs and no network is used.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from tuneport.backends import get_backend
+
+from .config import ChatGLM3Config
+from .model import ChatGLMForConditionalGeneration, PrefixEncoder
+from .tokenizer import ChatGLM3Tokenizer
+
+# In order of preference: (index file, single file). Safetensors first: memory-mapped and no pickle.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+# Buffers the official checkpoints store that are recomputed from the config when absent.
+DERIVED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
+PREFIX_ENCODER = "transformer.prefix_encoder."
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and the fix."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:
+    """Read `config.json` of a checkpoint folder, apply `overrides`, and validate.
+
+    Raises:
+        CheckpointError: the file is missing or invalid, or the config is inconsistent (every problem listed).
+    """
+    file = Path(path) / "config.json"
+    values = read_json(file)
+    values.pop("auto_map", None)  # never point transformers at code in the folder
+    config = ChatGLM3Config(**{**values, **overrides})
+    problems = config.problems()
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of `folder`, via the index when the checkpoint is sharded."""
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        index = folder / index_name
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
+            return files
+        if (folder / single_name).exists():
+            return [folder / single_name]
+    expected = ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair)
+    raise CheckpointError(f"{folder}: no weights found; expected one of {expected}")
+
+
+def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one weight file; pickle files are read with weights_only=True."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy, non-zip format
+        yield from state.items()
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
+        raise CheckpointError(
+            f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, download it again"
+        ) from None
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], config: ChatGLM3Config) -> torch.dtype:
+    """None means float32; "auto" means the checkpoint's own dtype; names like "bf16" are accepted."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return config.dtype if isinstance(config.dtype, torch.dtype) else DTYPES.get(str(config.dtype), torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: Union[str, Path],
+    device: str = "cpu",
+    dtype: Union[None, str, torch.dtype] = None,
+    **config_overrides,
+) -> ChatGLMForConditionalGeneration:
+    """Load an official ChatGLM3 checkpoint folder onto a device.
+
+    Weights are read shard by shard and tensor by tensor straight onto the device, so at most one
+    shard is held besides the model. P-tuning v2 (`pre_seq_len=N`) on a checkpoint without a prefix
+    encoder starts that encoder fresh.
+
+    Args:
+        path: folder with config.json and model(-0000N-of-0000M).safetensors or
+            pytorch_model(-0000N-of-0000M).bin (with their index json when sharded).
+        device: backend name ("cpu", ...) whose device and kernels the model uses.
+        dtype: floating dtype to cast weights to (torch dtype or name; None is float32, "auto" the
+            checkpoint's).
+        **config_overrides: config keys to change, e.g. pre_seq_len=128.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: no weights, missing or unexpected keys, wrong shapes, or a damaged file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass the checkpoint folder that holds config.json")
+    config = load_config(folder, **config_overrides)
+    files = weight_files(folder)
+    backend = get_backend(device)
+    target = backend.device(int(device.split(":", 1)[1]) if ":" in device else 0)
+    dtype = resolve_dtype(dtype, config)
+
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    loaded, unexpected, wrong_shape = set(), [], []
+    for file in files:
+        for name, tensor in read_shard(file):
+            if name not in expected:
+                unexpected.append(name)
+            elif tuple(tensor.shape) != expected[name]:
+                wrong_shape.append(f"{name} (expected {list(expected[name])}, found {list(tensor.shape)} in {file.name})")
+            else:
+                cast = dtype if tensor.is_floating_point() else tensor.dtype
+                _set_tensor(model, name, tensor.to(device=target, dtype=cast))
+                loaded.add(name)
+
+    missing = [name for name in expected if name not in loaded]
+    fresh_prefix = config.pre_seq_len and not any(name.startswith(PREFIX_ENCODER) for name in loaded)
+    optional = [n for n in missing if n in DERIVED_KEYS or (fresh_prefix and n.startswith(PREFIX_ENCODER))]
+    missing = [n for n in missing if n not in optional]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({'; '.join(problems)}); "
+            "check that config.json belongs to these weights and that config overrides are right"
+        )
+    if fresh_prefix:
+        model.transformer.prefix_encoder = PrefixEncoder(config).to(device=target, dtype=dtype)
+    if "transformer.rotary_pos_emb.inv_freq" in optional:
+        rope = model.transformer.rotary_pos_emb
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rope.rot_dim, 2, dtype=torch.float) / rope.rot_dim))
+        rope.inv_freq = inv_freq.to(device=target, dtype=dtype)
+    model.set_kernels(backend.kernels)
+    return model.eval()
+
+
+def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
+    """Load the tokenizer of a checkpoint folder (its `tokenizer.model`), or from the file itself.
+
+    Raises:
+        CheckpointError: no tokenizer.model, or a file SentencePiece cannot read.
+    """
+    path = Path(path)
+    file = path / "tokenizer.model" if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(f"{path}: no tokenizer.model; pass the checkpoint folder or the tokenizer.model file")
+    settings: dict = {}
+    if (file.parent / "tokenizer_config.json").exists():
+        settings = read_json(file.parent / "tokenizer_config.json")
+    try:
+        return ChatGLM3Tokenizer(vocab_file=str(file), padding_side=settings.get("padding_side", "left"))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{file}: not a SentencePiece model ({e})") from None
+
