@@ -80,6 +80,13 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
                 pieces.append(token)
         return text + self.sp.decode_pieces(pieces)
 
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if skip_special_tokens:  # role and prompt tokens too, not only eos/pad/unk
+            token_ids = [i for i in token_ids if i not in self.special_tokens_by_id]
+        return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
     def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> tuple[str]:
         name = (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model"
         path = os.path.join(save_directory, name)

@@ -1,0 +1,116 @@
+"""Each reference kernel against an independent, straightforward formulation, and every backend
+override against the reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneport.backends import get_backend
+from tuneport.backends.reference import REFERENCE_KERNELS as ref
+
+
+def loop_attention(q, k, v, allowed):
+    """Per batch, head and query: softmax over the allowed keys of that head's KV group."""
+    batch, heads, q_len, dim = q.shape
+    groups = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // groups
+            for i in range(q_len):
+                keys = [j for j in range(k.shape[2]) if allowed[b, i, j]]
+                scores = torch.stack([q[b, h, i] @ k[b, kv, j] for j in keys]) / math.sqrt(dim)
+                weights = torch.softmax(scores, dim=0)
+                out[b, h, i] = sum(w * v[b, kv, j] for w, j in zip(weights, keys))
+    return out
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g)
+    k = torch.randn(2, 2, 7, 8, generator=g)  # 2 KV groups for 4 heads; 2 cached keys before 5 new
+    v = torch.randn(2, 2, 7, 8, generator=g)
+    return q, k, v
+
+
+def test_attention_causal_with_cache_and_gqa(qkv):
+    q, k, v = qkv
+    allowed = torch.tensor([[j <= i + 2 for j in range(7)] for i in range(5)]).expand(2, 5, 7)
+    torch.testing.assert_close(ref.attention(q, k, v, causal=True), loop_attention(q, k, v, allowed))
+
+
+def test_attention_padding_mask(qkv):
+    q, k, v = qkv
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    causal = torch.tensor([[j <= i + 2 for j in range(7)] for i in range(5)])
+    allowed = causal & padding[:, None, :]
+    out = ref.attention(q, k, v, mask=padding[:, None, None, :], causal=True)
+    torch.testing.assert_close(out, loop_attention(q, k, v, allowed))
+
+
+def test_rms_norm():
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.rand(16) + 0.5
+    expected = torch.stack([w * row / torch.sqrt((row**2).mean() + 1e-5) for row in x.reshape(-1, 16)])
+    torch.testing.assert_close(ref.rms_norm(x, w, 1e-5), expected.reshape(3, 4, 16))
+
+
+def test_rotary_rotates_interleaved_pairs_of_first_half():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 2, 8, generator=g)  # [batch, seq, heads, head_dim 8]: 4 channels rotate
+    angles = torch.rand(1, 3, 2, generator=g) * 6
+    out = ref.rotary(x, angles.cos(), angles.sin())
+    for s in range(3):
+        for h in range(2):
+            for p in range(2):  # pair p is channels (2p, 2p+1), rotated by angle p
+                a = angles[0, s, p]
+                x0, x1 = x[0, s, h, 2 * p], x[0, s, h, 2 * p + 1]
+                expected = torch.stack([x0 * a.cos() - x1 * a.sin(), x1 * a.cos() + x0 * a.sin()])
+                torch.testing.assert_close(out[0, s, h, 2 * p: 2 * p + 2], expected)
+    torch.testing.assert_close(out[..., 4:], x[..., 4:])
+
+
+def test_swiglu():
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    gate, up = x[:, :3], x[:, 3:]
+    torch.testing.assert_close(ref.swiglu(x), gate * torch.sigmoid(gate) * up)
+
+
+@pytest.mark.parametrize("name", ["cpu"])
+def test_backend_kernels_match_reference(name, qkv):
+    kernels = get_backend(name).kernels
+    q, k, v = qkv
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
+    for mask, causal in [(None, True), (padding, True), (padding, False), (None, False)]:
+        torch.testing.assert_close(
+            kernels.attention(q, k, v, mask=mask, causal=causal), ref.attention(q, k, v, mask=mask, causal=causal),
+            atol=1e-5, rtol=1e-5,
+        )
+    square = (q, k[:, :, :5], v[:, :, :5])
+    torch.testing.assert_close(kernels.attention(*square, causal=True), ref.attention(*square, causal=True),
+                               atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 3, 4, 16)
+    angles = torch.rand(2, 3, 4)
+    torch.testing.assert_close(kernels.rotary(x, angles.cos(), angles.sin()), ref.rotary(x, angles.cos(), angles.sin()))
+    torch.testing.assert_close(kernels.rms_norm(x, torch.ones(16), 1e-5), ref.rms_norm(x, torch.ones(16), 1e-5))
+    torch.testing.assert_close(kernels.swiglu(x), ref.swiglu(x))
+
+
+def test_cpu_backend_basics():
+    backend = get_backend("cpu")
+    caps = backend.capabilities
+    assert caps.dist_backend == "gloo" and caps.bf16 and caps.device_count == 1
+    assert backend.device() == torch.device("cpu")
+    stats = backend.memory_stats()
+    assert stats.peak >= stats.allocated > 0
+    with backend.autocast(torch.bfloat16):
+        assert F.linear(torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.bfloat16
+    assert backend.grad_scaler(torch.float32) is None
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown device 'tpu'; expected one of: cpu"):
+        get_backend("tpu")
