@@ -26,6 +26,7 @@ class Capabilities:
         fp16: float16 compute is supported (training in it needs loss scaling).
         dist_backend: torch.distributed backend for this device: "gloo", "nccl" or "hccl".
         visible_devices_env: Environment variable that selects visible devices, or None.
+        bnb_4bit: bitsandbytes 4-bit (NF4/FP4) layers run here, so QLoRA can.
     """
 
     device_name: str
@@ -35,6 +36,7 @@ class Capabilities:
     fp16: bool
     dist_backend: str
     visible_devices_env: Optional[str]
+    bnb_4bit: bool = False
 
 
 @dataclass(frozen=True)

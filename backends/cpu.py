@@ -6,6 +6,7 @@ This is the backend CI, laptops and the built-in demo run on.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import resource
 import sys
@@ -70,6 +71,7 @@ class CPUBackend:
             fp16=False,  # fp16 matmuls on CPU are slow and gain nothing over bf16
             dist_backend="gloo",
             visible_devices_env=None,
+            bnb_4bit=importlib.util.find_spec("bitsandbytes") is not None,  # CPU kernels since 0.45
         )
 
     def setup(self) -> None:

@@ -1,11 +1,22 @@
-"""The `tuneport` command line: one table of subcommands."""
+"""The `tuneport` command line: one table of subcommands.
+
+Every expected failure (a bad recipe, bad data, a missing device) ends with one `error:` line naming
+the file, field and fix, and exit status 2; tracebacks are for bugs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Callable, Optional
+
+DEMO_RECIPE = "builtin:demo.yaml"
+log = logging.getLogger("tuneport")
 
 
 def package_version() -> str:
@@ -15,8 +26,200 @@ def package_version() -> str:
         return "0+unknown"
 
 
-# name -> (help, add_arguments, run). Later subcommands (train, chat, doctor, ...) add rows here.
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or environment, printed as one line rather than a traceback."""
+    from tuneport.backends import BackendUnavailable
+    from tuneport.models.chatglm3 import CheckpointError
+
+    from .config import RecipeError
+    from .data import DataError
+    from .precision import PrecisionError
+    from .torch_runtime import MethodUnavailable
+    from .trainer import RunError
+
+    return (RecipeError, DataError, CheckpointError, RunError, PrecisionError, MethodUnavailable,
+            BackendUnavailable, FileNotFoundError)
+
+
+# --- train / demo ------------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: the built-in demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--device", help="cpu | cuda | npu | auto (overrides the recipe)")
+    p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its newest checkpoint")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` is the first usable accelerator (npu, then cuda), else the CPU."""
+    if name != "auto":
+        return name
+    from tuneport.backends import BackendUnavailable, available_backends, get_backend
+
+    for candidate in ("npu", "cuda"):
+        if candidate in available_backends():
+            try:
+                get_backend(candidate)
+                return candidate
+            except BackendUnavailable:
+                continue
+    return "cpu"
+
+
+def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+    from tuneport.backends import get_backend
+    from tuneport.models.chatglm3 import load_tokenizer
+
+    from . import checkpoints, trainer
+    from .config import load_recipe
+    from .precision import resolve_precision
+
+    recipe_arg, overrides = args.recipe, list(args.overrides)
+    if recipe_arg and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
+        recipe_arg, overrides = None, [recipe_arg, *overrides]  # `tuneport train key=value` overrides the demo
+    if args.device:
+        overrides.append(f"device={args.device}")
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None:
+        if not (resume_dir / "recipe.yaml").exists():
+            raise trainer.RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
+        recipe = load_recipe(resume_dir / "recipe.yaml", tuple(overrides + [f"output_dir={resume_dir}"]))
+    else:
+        demo = demo or recipe_arg is None
+        recipe = load_recipe(recipe_arg or DEMO_RECIPE, tuple(overrides))
+    output_dir = Path(recipe.output_dir)
+
+    # Everything that can be wrong with the inputs is checked before anything is written.
+    device = resolve_device(recipe.device)
+    backend = get_backend(device)
+    precision = resolve_precision(recipe.precision, device, backend.capabilities)
+    folder_given = recipe.model not in trainer.BUILDERS
+    if folder_given:
+        model_dir = trainer.model_folder(recipe, output_dir)
+    elif not recipe.tokenizer:
+        raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
+    tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, model_dir if folder_given else None))
+    train_data, eval_data = trainer.load_data(recipe, tokenizer)
+
+    resume_from = None
+    if resume_dir is not None:
+        checkpoints.remove_unfinished(output_dir / "checkpoints")
+        resume_from = checkpoints.latest_checkpoint(output_dir / "checkpoints")
+        if resume_from is None:
+            log.warning("%s has no complete checkpoint; starting from step 0", output_dir)
+    elif (output_dir / "recipe.yaml").exists():
+        if demo and load_recipe(output_dir / "recipe.yaml").model == "demo":
+            shutil.rmtree(output_dir)  # a previous demo: start the demo afresh
+        else:
+            raise trainer.RunError(f"output_dir: {output_dir} already holds a run; continue it with "
+                                   f"--resume {output_dir}, or choose another output_dir=...")
+
+    backend.setup()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer.write_recipe(recipe, output_dir)
+    if not folder_given:
+        model_dir = trainer.model_folder(recipe, output_dir)
+    record = trainer.run_record(recipe, backend, precision, model_dir)
+    (output_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+
+    from .torch_runtime import TorchRuntime
+
+    runtime = TorchRuntime(recipe, backend, precision, model_dir)
+    records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
+    losses = [r["loss"] for r in records]
+    print(f"trained {len(records)} steps on {device}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   plot: {output_dir / 'loss.png'}")
+    if demo:
+        show_answers(runtime, tokenizer, train_data_path=recipe.data.train)
+        print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
+    return 0
+
+
+def show_answers(runtime, tokenizer, train_data_path: str, count: int = 3) -> None:
+    """Print the tuned model's greedy answers to the first `count` training prompts, beside the trained ones."""
+    from .config import resolve_path
+
+    lines = resolve_path(train_data_path).read_text(encoding="utf-8").splitlines()[:count]
+    matched = 0
+    for line in lines:
+        messages = json.loads(line)["conversations"]
+        *history, query, answer = messages
+        prompt = tokenizer.build_chat_input(query["content"], history=history)["input_ids"][0].tolist()
+        reply = tokenizer.decode(runtime.generate(prompt, 64, tokenizer.stop_token_ids, tokenizer.pad_token_id),
+                                 skip_special_tokens=True).strip()
+        matched += reply == answer["content"]
+        print(f"\nuser:      {query['content']}\nassistant: {reply}\ntrained:   {answer['content']}")
+    print(f"\n{matched}/{len(lines)} answers reproduce the trained ones")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipes/demo.yaml")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    args.recipe, args.device, args.resume = None, None, None
+    return run_train(args, demo=True)
+
+
+# --- chat ----------------------------------------------------------------------------------------------
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base checkpoint folder")
+    p.add_argument("--adapter", help="tuned result: a PEFT adapter, a P-tuning v2 prefix folder, or a full checkpoint")
+    p.add_argument("--device", default="auto", help="cpu | cuda | npu | auto")
+    p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    p.add_argument("--system", help="system message for the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from tuneport.models.chatglm3 import load_tokenizer
+
+    from .torch_runtime import load_tuned_model
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, device=device)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(query: str) -> str:
+        inputs = tokenizer.build_chat_input(query, history=history).to(model.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=streamer)
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        history.extend([{"role": "user", "content": query}, {"role": "assistant", "content": text}])
+        return text
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print("tuneport chat: type a message; 'clear' starts over, 'exit' or Ctrl-D quits.")
+    while True:
+        try:
+            query = input("\nuser: ").strip()
+        except EOFError:
+            print()
+            return 0
+        if query in ("exit", "quit"):
+            return 0
+        if query == "clear":
+            del history[1 if args.system else 0:]
+            continue
+        if query:
+            print("assistant: ", end="", flush=True)
+            reply(query)
+
+
+# --- the table ---------------------------------------------------------------------------------------
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("fine-tune with a recipe (no recipe: the built-in demo)", add_train_arguments, run_train),
+    "demo": ("run the built-in demo offline on the CPU", add_demo_arguments, run_demo),
+    "chat": ("chat with a base model and an optional tuned adapter", add_chat_arguments, run_chat),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except expected_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

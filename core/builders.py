@@ -1,0 +1,47 @@
+"""Builders: base models made from a name instead of loaded from a folder.
+
+A builder writes an ordinary checkpoint folder (official layout: config.json, model.safetensors,
+tokenizer.model), so everything downstream (training, resume, chat, adapters) treats it like any
+downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_tiny_config, load_tokenizer
+
+from .config import resolve_path
+
+DEMO_TOKENIZER = "builtin:demo/tokenizer.model"
+
+
+def demo_config(vocab: int):
+    """The built-in demo's model: ChatGLM3's architecture (GQA, qkv bias, RoPE, RMSNorm, SwiGLU), tiny."""
+    return chatglm3_tiny_config(
+        padded_vocab_size=-(-vocab // 64) * 64, hidden_size=128, ffn_hidden_size=256, num_layers=2,
+        num_attention_heads=4, kv_channels=32, multi_query_group_num=2, seq_length=256,
+        # 1/sqrt(hidden) rather than 0.02: a frozen random output layer must be able to express a
+        # confident next token, or LoRA can fix the argmax but the loss stays near log(vocab).
+        initializer_range=128**-0.5,
+    )
+
+
+def build_model_folder(name: str, folder: Path) -> None:
+    """Write the base model called `name` ("demo") into `folder`, the same bytes on every machine."""
+    if name != "demo":
+        raise ValueError(f"unknown builder {name!r}")
+    tokenizer_file = resolve_path(DEMO_TOKENIZER)
+    vocab = len(load_tokenizer(tokenizer_file))
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the base model is fixed; a recipe's seed varies only the tuning
+    model = ChatGLMForConditionalGeneration(demo_config(vocab))
+    torch.set_rng_state(generator_state)
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.copy(tokenizer_file, tmp / "tokenizer.model")
+    tmp.rename(folder)

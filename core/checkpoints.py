@@ -1,0 +1,85 @@
+"""Checkpoint folders: written atomically, found again after a crash, pruned to `keep_last`.
+
+`output_dir/checkpoints/step-N/` appears only complete: it is written as `.step-N.tmp` and renamed
+in one step, so a process killed mid-write leaves the previous checkpoint as the newest complete one
+(the unfinished temporary folder is removed on the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` as (step, folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).exists():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = checkpoint_dirs(root)
+    return found[-1][1] if found else None
+
+
+def remove_unfinished(root: Path) -> None:
+    """Delete temporary folders that a killed process left behind."""
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".") and child.name.endswith(".tmp"):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_file() or path == folder:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it is synced to disk and renamed to `final`."""
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():  # rewriting the same step (a resumed run passing it again)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep only the newest `keep_last` complete checkpoints."""
+    for _, folder in checkpoint_dirs(root)[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)

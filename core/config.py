@@ -1,0 +1,258 @@
+"""Recipes: YAML files that say what to fine-tune, on what data, and how.
+
+A recipe is read, `key=value` overrides are applied with dotted keys (`train.lr=1e-4`), and the result
+is validated as a whole: every problem is reported at once, each naming the field, the bad value and
+the fix. The resolved recipe is written into the run's output folder so a run can be resumed or
+repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+METHODS = ("lora", "ptuning_v2", "qlora", "full")
+FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
+SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FRAMEWORKS = ("torch",)
+BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
+
+
+class RecipeError(ValueError):
+    """A recipe with problems; the message lists every one of them."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # lora | ptuning_v2 | qlora | full
+    r: int = 8  # LoRA rank (lora, qlora)
+    alpha: float = 32  # LoRA scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.1  # LoRA dropout
+    target_modules: list[str] = field(default_factory=lambda: ["query_key_value"])
+    num_virtual_tokens: int = 128  # P-tuning v2 prefix length
+    prefix_projection: bool = False  # P-tuning v2 prefix through a 2-layer MLP
+    quant_type: str = "nf4"  # QLoRA 4-bit type: nf4 | fp4
+    double_quant: bool = True  # QLoRA: quantize the quantization constants too
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSON or JSON-lines file
+    eval: Optional[str] = None  # held-out file for evaluation loss
+    format: str = "auto"  # auto | conversations | alpaca | advertisegen | sharegpt
+    max_input_length: int = 256  # samples are cut to max_input + max_output + 1 tokens (official demo)
+    max_output_length: int = 512
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None  # optimizer steps; or give epochs
+    epochs: Optional[float] = None
+    micro_batch_size: int = 4  # samples per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-5
+    scheduler: str = "linear"  # constant | linear | cosine, after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0  # max gradient norm; null disables clipping
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between evaluations; 0 evaluates only at the end (if data.eval)
+    max_batches: Optional[int] = None  # cap on evaluation micro-batches
+
+
+@dataclass
+class SaveConfig:
+    every: int = 0  # optimizer steps between checkpoints; 0 saves only the final adapter
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+
+
+@dataclass
+class Recipe:
+    model: str = ""  # official checkpoint folder, or a builder name (see BUILDERS)
+    tokenizer: Optional[str] = None  # tokenizer.model or its folder; default: the model's
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    output_dir: str = "outputs/run"
+    device: str = "auto"  # auto | cpu | cuda | npu
+    framework: str = "torch"
+
+
+BUILDERS = ("demo",)  # model names that build a model instead of loading a folder
+
+
+def resolve_path(path: str) -> Path:
+    """A recipe path: `builtin:...` inside the installed package, otherwise as given."""
+    if path.startswith(BUILTIN):
+        return Path(str(resources.files("tuneport.recipes").joinpath(path[len(BUILTIN):])))
+    return Path(path).expanduser()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {text!r}: expected key=value, e.g. train.lr=1e-4")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_override(values: dict, keys: list[str], value: Any) -> None:
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _build(cls, values: dict, prefix: str, problems: list[str]):
+    """Make dataclass `cls` from `values`, appending a problem for each unknown key or wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(names)}"
+            problems.append(f"{where}: unknown key; {hint}")
+        elif dataclasses.is_dataclass(hints[key]):
+            if isinstance(value, dict):
+                kwargs[key] = _build(hints[key], value, f"{where}.", problems)
+            else:
+                problems.append(f"{where}: {value!r} must be a section of keys")
+        elif not _type_ok(value, hints[key]):
+            problems.append(f"{where}: {value!r} must be {_type_name(hints[key])}")
+        else:
+            kwargs[key] = float(value) if hints[key] in (float, Optional[float]) and value is not None else value
+    return cls(**kwargs)
+
+
+def _check_values(r: Recipe) -> list[str]:
+    """Problems with values that have the right type but are not allowed."""
+    found = []
+
+    def choice(name: str, value: str, allowed: tuple):
+        if value not in allowed:
+            found.append(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+    def positive(name: str, value, allow_zero: bool = False):
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            found.append(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+    if not r.model:
+        found.append("model: missing; give an official checkpoint folder or a builder name "
+                     f"({', '.join(BUILDERS)})")
+    if not r.data.train:
+        found.append("data.train: missing; give a JSON or JSON-lines training file")
+    choice("method.name", r.method.name, METHODS)
+    choice("method.quant_type", r.method.quant_type, ("nf4", "fp4"))
+    choice("data.format", r.data.format, FORMATS)
+    choice("train.scheduler", r.train.scheduler, SCHEDULERS)
+    choice("precision", r.precision, PRECISIONS)
+    choice("framework", r.framework, FRAMEWORKS)
+    if (r.train.max_steps is None) == (r.train.epochs is None):
+        found.append("train.max_steps / train.epochs: give exactly one of them (the other null)")
+    for name, value in [("method.r", r.method.r), ("method.num_virtual_tokens", r.method.num_virtual_tokens),
+                        ("data.max_input_length", r.data.max_input_length),
+                        ("data.max_output_length", r.data.max_output_length),
+                        ("train.max_steps", r.train.max_steps), ("train.epochs", r.train.epochs),
+                        ("train.micro_batch_size", r.train.micro_batch_size),
+                        ("train.grad_accum", r.train.grad_accum), ("train.lr", r.train.lr),
+                        ("train.grad_clip", r.train.grad_clip), ("save.keep_last", r.save.keep_last),
+                        ("eval.max_batches", r.eval.max_batches)]:
+        positive(name, value)
+    for name, value in [("train.warmup_steps", r.train.warmup_steps), ("train.weight_decay", r.train.weight_decay),
+                        ("eval.every", r.eval.every), ("save.every", r.save.every)]:
+        positive(name, value, allow_zero=True)
+    if not 0 <= r.method.dropout < 1:
+        found.append(f"method.dropout: {r.method.dropout!r} must be in [0, 1)")
+    if r.method.name in ("lora", "qlora") and not r.method.target_modules:
+        found.append("method.target_modules: empty; name the linear layers to adapt, e.g. [query_key_value]")
+    return found
+
+
+def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        source: a YAML file (`builtin:demo.yaml` style paths allowed) or an already-parsed dict.
+        overrides: `dotted.key=value` strings applied in order; values are read as YAML.
+
+    Returns:
+        The validated Recipe.
+
+    Raises:
+        RecipeError: listing every problem, each with field, value and fix.
+    """
+    name = str(source) if not isinstance(source, dict) else "recipe"
+    if isinstance(source, dict):
+        values = dict(source)
+    else:
+        path = resolve_path(str(source))
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"{name}: file not found") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f"line {line + 1}: " if line is not None else ""
+            raise RecipeError(f"{name}: {where}invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(values, dict):
+            raise RecipeError(f"{name}: expected a mapping of recipe keys at the top level")
+    for text in overrides:
+        apply_override(values, *parse_override(text))
+    problems: list[str] = []
+    recipe = _build(Recipe, values, "", problems)
+    if not problems:
+        problems = _check_values(recipe)
+    if problems:
+        raise RecipeError(f"{name}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+

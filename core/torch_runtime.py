@@ -1,0 +1,246 @@
+"""TorchRuntime: the training loop's view of a torch model on one backend.
+
+It builds the model from a checkpoint folder, attaches the tuning method (LoRA and QLoRA through
+peft, P-tuning v2 through the model's prefix encoder, or full fine-tuning), and runs micro-batch
+forward/backward, optimizer steps, evaluation, checkpoints and generation. Batches arrive as numpy
+arrays; device specifics come from the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneport.backends import Backend
+from tuneport.models.chatglm3 import load_model
+
+from .config import Recipe
+from .precision import PrecisionPlan
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREFIX_CONFIG = "prefix_config.json"
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+
+
+class MethodUnavailable(RuntimeError):
+    """The tuning method cannot run on this device or software stack; the message names the fix."""
+
+
+def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                         device: torch.device) -> int:
+    """Replace every nn.Linear except the output layer by a bitsandbytes 4-bit layer (QLoRA base).
+
+    Returns:
+        The number of layers quantized.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child_name == "output_layer":
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type=quant_type,
+                                      compress_statistics=double_quant)
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
+                                             quant_type=quant_type, compress_statistics=double_quant)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, child_name, layer.to(device))  # moving quantizes
+            count += 1
+    return count
+
+
+class TorchRuntime:
+    """One model, one tuning method, one optimizer, on one backend.
+
+    Args:
+        recipe: the validated recipe.
+        backend: the device backend.
+        precision: the resolved precision plan.
+        model_dir: official-layout checkpoint folder of the base model.
+    """
+
+    def __init__(self, recipe: Recipe, backend: Backend, precision: PrecisionPlan, model_dir: Path):
+        self.recipe = recipe
+        self.backend = backend
+        self.method = recipe.method
+        self.model_dir = Path(model_dir)
+        self.device = backend.device()
+        self.compute_dtype = DTYPES[precision.compute]
+        torch.manual_seed(recipe.train.seed)  # adapter initialisation is part of the run's seed
+        backend.manual_seed(recipe.train.seed)
+        self.model = self._build_model()
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise MethodUnavailable(f"method {self.method.name}: nothing to train")
+        log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.trainable.values()):,}")
+        decay = [p for p in self.trainable.values() if p.ndim >= 2]
+        no_decay = [p for p in self.trainable.values() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
+        self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
+        self.model.train()
+
+    # --- building -----------------------------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        method = self.method
+        # Frozen base weights may live in the compute dtype; trained weights stay in float32.
+        base_dtype = torch.float32 if method.name == "full" else self.compute_dtype
+        overrides = {}
+        if method.name == "ptuning_v2":
+            overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
+        model = load_model(self.model_dir, device=self.backend.name, dtype=base_dtype, **overrides)
+        if self.recipe.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if method.name == "full":
+            return model
+        model.requires_grad_(False)
+        if method.name == "ptuning_v2":
+            model.transformer.prefix_encoder.float().requires_grad_(True)
+            return model
+        if method.name == "qlora":
+            if not self.backend.capabilities.bnb_4bit:
+                raise MethodUnavailable(
+                    f"method qlora needs bitsandbytes 4-bit kernels on {self.backend.name}; "
+                    "install them with: pip install 'bitsandbytes>=0.45' (CPU and CUDA; Ascend has none: "
+                    "use method lora there)")
+            n = quantize_linear_4bit(model, method.quant_type, method.double_quant, self.compute_dtype, self.device)
+            log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                            target_modules=list(method.target_modules), task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
+        return peft_model
+
+    # --- training -----------------------------------------------------------------------------------
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int) -> float:
+        """Add this micro-batch's gradients; its loss is summed over label tokens / `num_items`.
+
+        Returns:
+            This micro-batch's share of the step's token-averaged loss.
+        """
+        inputs = self._tensors(batch)
+        with self.backend.autocast(self.compute_dtype):
+            loss = self.model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.item()
+
+    def optimizer_step(self, lr: float, grad_clip: Optional[float]) -> float:
+        """Apply the accumulated gradients with learning rate `lr`; returns the gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = list(self.trainable.values())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of token losses, number of label tokens) for one batch, in eval mode."""
+        self.model.eval()
+        try:
+            inputs = self._tensors(batch)
+            with self.backend.autocast(self.compute_dtype):
+                loss = self.model(**inputs, num_items_in_batch=1, use_cache=False).loss
+            return float(loss), int((inputs["labels"][:, 1:] != -100).sum())
+        finally:
+            self.model.train()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Write everything needed to continue bit for bit: trained weights, optimizer, scaler, RNG."""
+        save_file({n: p.detach().contiguous() for n, p in self.trainable.items()}, folder / "trainable.safetensors")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        extra = {"torch_rng": torch.get_rng_state()}
+        if self.scaler:
+            extra["scaler"] = self.scaler.state_dict()
+        torch.save(extra, folder / "runtime_state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        weights = load_file(folder / "trainable.safetensors", device=str(self.device))
+        missing = sorted(set(self.trainable) - set(weights))
+        if missing:
+            raise ValueError(f"{folder}: checkpoint lacks trained weights {missing[:3]}; it is from another recipe")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(weights[name])
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        extra = torch.load(folder / "runtime_state.pt", weights_only=True)
+        torch.set_rng_state(extra["torch_rng"])
+        if self.scaler and "scaler" in extra:
+            self.scaler.load_state_dict(extra["scaler"])
+
+    def save_adapter(self, folder: Path) -> None:
+        """The tuned result in its portable format.
+
+        lora/qlora: a PEFT adapter folder (`peft.PeftModel.from_pretrained(load_model(base), folder)`);
+        ptuning_v2: `prefix_config.json` + `prefix_encoder.safetensors` under the official names;
+        full: a complete checkpoint folder in the official layout.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.method.name in ("lora", "qlora"):
+            self.model.save_pretrained(folder)
+        elif self.method.name == "ptuning_v2":
+            (folder / PREFIX_CONFIG).write_text(json.dumps(
+                {"pre_seq_len": self.method.num_virtual_tokens, "prefix_projection": self.method.prefix_projection}))
+            save_file({n: p.detach().contiguous() for n, p in self.trainable.items()}, folder / PREFIX_WEIGHTS)
+        else:
+            self.model.save_pretrained(folder)
+
+    # --- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
+        """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""
+        self.model.eval()
+        try:
+            ids = torch.tensor([prompt_ids], device=self.device)
+            with self.backend.autocast(self.compute_dtype):
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
+            new = out[0, len(prompt_ids):].tolist()
+            return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
+        finally:
+            self.model.train()
+
+
+def load_tuned_model(base: Path, adapter: Optional[Path], device: str = "cpu", dtype=None) -> nn.Module:
+    """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat)."""
+    if adapter is None:
+        return load_model(base, device=device, dtype=dtype)
+    adapter = Path(adapter)
+    if (adapter / PREFIX_CONFIG).exists():
+        config = json.loads((adapter / PREFIX_CONFIG).read_text())
+        model = load_model(base, device=device, dtype=dtype, **config)
+        model.load_state_dict(load_file(adapter / PREFIX_WEIGHTS), strict=False)
+        return model
+    if (adapter / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base, device=device, dtype=dtype), str(adapter)).eval()
+    return load_model(adapter, device=device, dtype=dtype)  # a full fine-tune is a checkpoint folder

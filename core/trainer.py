@@ -1,0 +1,286 @@
+"""The training loop, written once for every framework and device.
+
+It owns the schedule, gradient accumulation (normalised by label tokens over the whole accumulated
+batch), evaluation, checkpoint cadence, exact resume, and the run's records: `recipe.yaml`,
+`metrics.jsonl`, TensorBoard events, `loss.png`, `run.json`, `checkpoints/step-N/` and `adapter/`.
+The runtime (`TorchRuntime`, later others) does the framework's part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import yaml
+
+from . import checkpoints
+from .config import BUILDERS, Recipe, recipe_to_dict, resolve_path
+from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+# --- schedule ----------------------------------------------------------------------------------------
+def learning_rate(step: int, base_lr: float, total: int, warmup: int, kind: str) -> float:
+    """The learning rate for optimizer step `step` (0-based): linear warmup, then constant, linear
+    decay to 0, or cosine decay to 0 at `total` (the formulas of transformers' schedulers)."""
+    if step < warmup:
+        return base_lr * step / max(1, warmup)
+    if kind == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return base_lr * max(0.0, 1.0 - progress)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def label_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Tokens that carry loss (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@dataclass
+class Position:
+    """Where the data stream stands: epoch and the next sample's index in that epoch's order."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position) -> Iterator[dict]:
+    """Endless stream of right-padded micro-batches in a per-epoch shuffled order; advances `pos`."""
+    n = len(data.samples)
+    while True:
+        order = epoch_order(n, seed, pos.epoch)
+        while pos.offset < n:
+            chosen = order[pos.offset: pos.offset + size]
+            pos.offset += len(chosen)
+            yield collate([data.samples[i] for i in chosen], pad_id)
+        pos.epoch, pos.offset = pos.epoch + 1, 0
+
+
+# --- model folder ------------------------------------------------------------------------------------
+def model_folder(recipe: Recipe, output_dir: Path) -> Path:
+    """The base model's checkpoint folder: the recipe's folder, or one a builder writes once."""
+    if recipe.model in BUILDERS:
+        from .builders import build_model_folder
+
+        folder = output_dir / "base_model"
+        if not (folder / "config.json").exists():
+            build_model_folder(recipe.model, folder)
+        return folder
+    folder = resolve_path(recipe.model)
+    if not (folder / "config.json").exists():
+        raise RunError(f"model: {recipe.model!r} is not a checkpoint folder with config.json, nor a builder name "
+                       f"({', '.join(BUILDERS)})")
+    return folder
+
+
+def tokenizer_path(recipe: Recipe, model_dir: Path) -> Path:
+    return resolve_path(recipe.tokenizer) if recipe.tokenizer else model_dir
+
+
+# --- records -----------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, resume_step: Optional[int]):
+        self.path = output_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop what the killed run logged past its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.tb.close()
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+def plot_loss(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def package_versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("tuneport", "torch", "transformers", "peft", "safetensors", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_record(recipe: Recipe, backend, precision, model_dir: Path) -> dict:
+    model_files = {}
+    for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (model_dir / name).exists():
+            model_files[name] = file_sha256(model_dir / name)
+    data_files = {}
+    for path in filter(None, (recipe.data.train, recipe.data.eval)):
+        data_files[path] = file_sha256(resolve_path(path))
+    return {
+        "versions": package_versions(),
+        "device": backend.name,
+        "capabilities": asdict(backend.capabilities),
+        "precision": asdict(precision),
+        "recipe": recipe_to_dict(recipe),
+        "sha256": {"data": data_files, "model": model_files},
+        "model_dir": str(model_dir.resolve()),
+    }
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """Everything validated before anything is written: a bad input costs nothing on disk."""
+
+    recipe: Recipe
+    tokenizer: object
+    train: EncodedData
+    eval: Optional[EncodedData]
+
+
+def load_data(recipe: Recipe, tokenizer) -> tuple[EncodedData, Optional[EncodedData]]:
+    def encode(path: str) -> EncodedData:
+        return encode_dataset(resolve_path(path), tokenizer, fmt=recipe.data.format,
+                              max_input_length=recipe.data.max_input_length,
+                              max_output_length=recipe.data.max_output_length)
+
+    train = encode(recipe.data.train)
+    if not train.samples:
+        raise RunError(f"data.train: {recipe.data.train}: no sample has an assistant reply to learn from")
+    return train, encode(recipe.data.eval) if recipe.data.eval else None
+
+
+def total_steps(recipe: Recipe, num_samples: int) -> int:
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum
+    return max(1, math.ceil(recipe.train.epochs * num_samples / per_step))
+
+
+def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
+    total, tokens = 0.0, 0
+    size = recipe.train.micro_batch_size
+    batches = [data.samples[i: i + size] for i in range(0, len(data.samples), size)]
+    for samples in batches[: recipe.eval.max_batches]:
+        loss, count = runtime.eval_loss(collate(samples, pad_id))
+        total, tokens = total + loss, tokens + count
+    return total / max(1, tokens)
+
+
+def train(
+    recipe: Recipe,
+    runtime,
+    tokenizer,
+    train_data: EncodedData,
+    eval_data: Optional[EncodedData],
+    output_dir: Path,
+    backend,
+    resume_from: Optional[Path] = None,
+    on_step: Optional[Callable[[dict], None]] = None,
+) -> list[dict]:
+    """Run the optimizer steps of `recipe`, from the start or from checkpoint `resume_from`.
+
+    Returns:
+        The metric records of the whole run (including those before a resume).
+    """
+    t = recipe.train
+    steps = total_steps(recipe, len(train_data.samples))
+    ckpt_root = output_dir / "checkpoints"
+    pos, step = Position(), 0
+    if resume_from is not None:
+        state = checkpoints.read_state(resume_from)
+        runtime.load_state(resume_from)
+        step, pos = state["step"], Position(**state["position"])
+        log.info("resumed from %s (step %d)", resume_from, step)
+    metrics = MetricsLog(output_dir, step if resume_from is not None else None)
+    stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while step < steps:
+            started = time.perf_counter()
+            batches = [next(stream) for _ in range(t.grad_accum)]
+            num_items = sum(label_tokens(b) for b in batches)
+            lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
+            loss = sum(runtime.forward_backward(b, num_items) for b in batches)
+            grad_norm = runtime.optimizer_step(lr, t.grad_clip)
+            step += 1
+            elapsed = time.perf_counter() - started
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                      "peak_memory": backend.memory_stats().peak}
+            if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
+                record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if on_step:
+                on_step(record)
+            if recipe.save.every and (step % recipe.save.every == 0 or step == steps):
+                with checkpoints.atomic_dir(ckpt_root / f"step-{step}") as folder:
+                    runtime.save_state(folder)
+                    checkpoints.write_state(folder, {"step": step, "position": asdict(pos)})
+                checkpoints.prune(ckpt_root, recipe.save.keep_last)
+    finally:
+        bar.close()
+        metrics.close()
+    runtime.save_adapter(output_dir / "adapter.tmp")
+    shutil.rmtree(output_dir / "adapter", ignore_errors=True)
+    (output_dir / "adapter.tmp").rename(output_dir / "adapter")
+    records = metrics.records()
+    plot_loss(records, output_dir / "loss.png")
+    return records
+
+
+def write_recipe(recipe: Recipe, output_dir: Path) -> None:
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False,
+                                                           allow_unicode=True))
