@@ -147,6 +147,22 @@ def _type_name(hint: Any) -> str:
     )
 
 
+def _allows_float(hint: Any) -> bool:
+    return hint is float or (typing.get_origin(hint) is Union and float in typing.get_args(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `5e-5` (no dot) as a string; a number field takes it as the number it means."""
+    if isinstance(value, str) and _allows_float(hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and _allows_float(hint):
+        return float(value)
+    return value
+
+
 def _build(cls, values: dict, prefix: str, problems: list[str]):
     """Make dataclass `cls` from `values`, appending a problem for each unknown key or wrong type."""
     hints = typing.get_type_hints(cls)
@@ -163,10 +179,10 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
                 kwargs[key] = _build(hints[key], value, f"{where}.", problems)
             else:
                 problems.append(f"{where}: {value!r} must be a section of keys")
-        elif not _type_ok(value, hints[key]):
+        elif not _type_ok(_coerce(value, hints[key]), hints[key]):
             problems.append(f"{where}: {value!r} must be {_type_name(hints[key])}")
         else:
-            kwargs[key] = float(value) if hints[key] in (float, Optional[float]) and value is not None else value
+            kwargs[key] = _coerce(value, hints[key])
     return cls(**kwargs)
 
 
@@ -246,8 +262,7 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ())
         apply_override(values, *parse_override(text))
     problems: list[str] = []
     recipe = _build(Recipe, values, "", problems)
-    if not problems:
-        problems = _check_values(recipe)
+    problems += _check_values(recipe)
     if problems:
         raise RecipeError(f"{name}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return recipe
