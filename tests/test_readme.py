@@ -23,6 +23,7 @@ def test_chat_example_runs(golden, capsys):
 def test_ci_runs_the_readme_commands():
     install, tests = re.search(r"```bash\n(.*?)\n(.*?)\n```", README.read_text(encoding="utf-8")).groups()
     ci = (README.parent / ".ci" / "run").read_text()
-    pip = "pip install torch==2.13.0 && pip install -e '.[dev]'"
-    assert pip in install and pip in ci
+    commands = install.split("&& ", 2)[2]  # after creating and activating the virtual environment
+    assert commands == "pip install torch==2.13.0 && pip install -e '.[dev]' && tuneport demo"
+    assert commands in ci
     assert tests in ci

@@ -167,7 +167,14 @@ def test_shipped_6b_recipes_run_on_the_golden_checkpoint(tmp_path, golden, share
     assert torch.isfinite(tuned).all()
 
 
-def test_demo_learns_and_reproduces_answers(tmp_path, monkeypatch, capsys):
+def test_demo_learns_and_reproduces_answers_offline(tmp_path, monkeypatch, capsys):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the demo touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == 0
     printed = capsys.readouterr().out
