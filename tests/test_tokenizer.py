@@ -71,3 +71,8 @@ def test_save_and_reload(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(tmp_path)
     assert again.encode("你好, world") == tok.encode("你好, world")
+
+
+def test_ids_beyond_the_vocabulary_decode_to_nothing(tok):
+    # The model's padded vocabulary (65024) is larger than the tokenizer's (64798).
+    assert tok.decode([36474, 65000, 54591]) == "你好"

@@ -181,7 +181,56 @@ def test_demo_learns_and_reproduces_answers_offline(tmp_path, monkeypatch, capsy
     assert "3/3 answers reproduce the trained ones" in printed
     losses = [r["loss"] for r in metrics(tmp_path / "outputs" / "demo")]
     assert losses[-1] < 0.5 < 5 < losses[0]
-    assert main(["demo"]) == 0  # a second demo replaces the first
+    demo = tmp_path / "outputs" / "demo"
+    assert main(["chat", "--model", str(demo / "base_model"), "--adapter", str(demo / "adapter"),
+                 "--prompt", "你是谁？"]) == 0
+    assert "我是 tuneport 演示助手，一个在本机用 LoRA 微调出来的小模型。" in capsys.readouterr().out
+    assert main(["train", "train.max_steps=20"]) == 0  # no recipe: the demo again, replacing the first
+    assert len(metrics(demo)) == 20 and "answers reproduce the trained ones" in capsys.readouterr().out
+
+
+def test_padded_batch_gives_the_same_per_sample_losses(tmp_path):
+    """Right padding with pad id and label -100 leaves every sample's token losses unchanged."""
+    from tuneport.core.data import collate, encode_dataset
+    from tuneport.core.builders import build_model_folder
+    from tuneport.models.chatglm3 import load_tokenizer
+
+    build_model_folder("demo", tmp_path / "base")
+    tokenizer = load_tokenizer(tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    samples = encode_dataset(REPO / "recipes/demo/data.jsonl", tokenizer, "conversations", 64, 64).samples[:4]
+    assert len({len(ids) for ids, _ in samples}) > 1  # lengths differ, so the batch is padded
+
+    def token_losses(batch):
+        logits = model(torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]),
+                       use_cache=False).logits[:, :-1]
+        labels = torch.from_numpy(batch["labels"])[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return [row[mask] for row, mask in zip(losses, labels != -100)]
+
+    with torch.no_grad():
+        batched = token_losses(collate(samples, tokenizer.pad_token_id))
+        for i, sample in enumerate(samples):
+            torch.testing.assert_close(batched[i], token_losses(collate([sample], tokenizer.pad_token_id))[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_without_4bit_kernels_is_a_clear_error(tmp_path, golden):
+    """A backend without bitsandbytes kernels (as on Ascend) refuses QLoRA and names the fix."""
+    from dataclasses import replace
+
+    from tuneport.backends.cpu import CPUBackend
+    from tuneport.core.torch_runtime import MethodUnavailable
+
+    class NoBitsAndBytes(CPUBackend):  # stands in for a device without 4-bit kernels
+        @property
+        def capabilities(self):
+            return replace(super().capabilities, bnb_4bit=False)
+
+    recipe = load_recipe("recipes/chatglm3_6b_qlora.yaml", (f"model={golden / 'checkpoint'}",))
+    backend = NoBitsAndBytes()
+    with pytest.raises(MethodUnavailable, match="pip install 'bitsandbytes>=0.45'"):
+        TorchRuntime(recipe, backend, resolve_precision("fp32", "cpu", backend.capabilities), golden / "checkpoint")
 
 
 BAD_DATA = {

@@ -83,6 +83,9 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
+        # The model's padded vocabulary is larger than the tokenizer's; an untrained model can emit
+        # those ids, and they stand for no text.
+        token_ids = [i for i in token_ids if 0 <= i < self.vocab_size]
         if skip_special_tokens:  # role and prompt tokens too, not only eos/pad/unk
             token_ids = [i for i in token_ids if i not in self.special_tokens_by_id]
         return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
