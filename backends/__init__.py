@@ -18,9 +18,23 @@ def _cpu() -> Backend:
     return CPUBackend()
 
 
+def _cuda() -> Backend:
+    from .cuda import CUDABackend
+
+    return CUDABackend()
+
+
+def _npu() -> Backend:
+    from .npu import NPUBackend
+
+    return NPUBackend()
+
+
 # Each factory imports its module only when called, so asking for "cpu" never imports torch_npu.
 _BACKENDS: dict[str, Callable[[], Backend]] = {
     "cpu": _cpu,
+    "cuda": _cuda,
+    "npu": _npu,
 }
 
 
@@ -30,7 +44,7 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """Return the backend called `name` ("cpu", or "cpu:0" style with a device index).
+    """Return the backend called `name` ("cpu", "cuda", "npu"; a ":N" device index is ignored here).
 
     Raises:
         ValueError: `name` is not a known backend.

@@ -112,11 +112,20 @@ class Backend(Protocol):
     def device(self, index: int = 0) -> torch.device:
         """The torch device for local device `index`."""
 
+    def set_device(self, index: int) -> None:
+        """Make local device `index` this process's current device (one process per device)."""
+
     def synchronize(self) -> None:
         """Wait for all queued work on the device (for timing)."""
 
     def manual_seed(self, seed: int) -> None:
         """Seed the device's random generators (the CPU generator is seeded by the caller)."""
+
+    def rng_state(self) -> Optional[torch.Tensor]:
+        """The device's random generator state (for exact resume); None when the device has none."""
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        """Restore a state from `rng_state()`."""
 
     def memory_stats(self) -> MemoryStats:
         """Current, reserved and peak memory of this process on the device."""

@@ -80,11 +80,20 @@ class CPUBackend:
     def device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")
 
+    def set_device(self, index: int) -> None:
+        pass  # one CPU device
+
     def synchronize(self) -> None:
         pass
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def rng_state(self) -> Optional[torch.Tensor]:
+        return None  # the CPU generator is torch's default one, saved by the caller
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        pass
 
     def memory_stats(self) -> MemoryStats:
         rss = _proc_status_bytes("VmRSS") or 0

@@ -11,9 +11,8 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -46,7 +45,7 @@ def remove_unfinished(root: Path) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for path in [*folder.rglob("*"), folder]:
-        if path.is_file() or path == folder:
+        if path.is_file() or path.is_dir():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -54,21 +53,22 @@ def _fsync_tree(folder: Path) -> None:
                 os.close(fd)
 
 
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it is synced to disk and renamed to `final`."""
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():  # rewriting the same step (a resumed run passing it again)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def temporary_dir(final: Path) -> Path:
+    """Where checkpoint `final` is written before it is published."""
+    return final.parent / f".{final.name}.tmp"
+
+
+def reset_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Sync `tmp` to disk, then rename it to `final` in one step."""
+    _fsync_tree(tmp)
+    if final.exists():  # rewriting the same step (a resumed run passing it again)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
 
 
 def write_state(folder: Path, state: dict) -> None:

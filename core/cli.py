@@ -70,7 +70,8 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     from tuneport.models.chatglm3 import load_tokenizer
 
     from . import checkpoints, trainer
-    from .config import load_recipe
+    from .config import load_recipe, resolve_path
+    from .distributed import init_distributed, launched, shutdown
     from .precision import resolve_precision
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
@@ -92,6 +93,11 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     device = resolve_device(recipe.device)
     backend = get_backend(device)
     precision = resolve_precision(recipe.precision, device, backend.capabilities)
+    if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
+        raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
+    if recipe.deepspeed and not launched():
+        raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
+                               "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
     folder_given = recipe.model not in trainer.BUILDERS
     if folder_given:
         model_dir = trainer.model_folder(recipe, output_dir)
@@ -100,37 +106,51 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, model_dir if folder_given else None))
     train_data, eval_data = trainer.load_data(recipe, tokenizer)
 
-    resume_from = None
+    resume_from, replace_demo = None, False
     if resume_dir is not None:
-        checkpoints.remove_unfinished(output_dir / "checkpoints")
         resume_from = checkpoints.latest_checkpoint(output_dir / "checkpoints")
         if resume_from is None:
             log.warning("%s has no complete checkpoint; starting from step 0", output_dir)
     elif (output_dir / "recipe.yaml").exists():
         if demo and load_recipe(output_dir / "recipe.yaml").model == "demo":
-            shutil.rmtree(output_dir)  # a previous demo: start the demo afresh
+            replace_demo = True  # a previous demo: start the demo afresh
         else:
             raise trainer.RunError(f"output_dir: {output_dir} already holds a run; continue it with "
                                    f"--resume {output_dir}, or choose another output_dir=...")
 
     backend.setup()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    trainer.write_recipe(recipe, output_dir)
+    dist = init_distributed(backend.capabilities.dist_backend, backend.device, process_group_alone=bool(recipe.deepspeed))
+    backend.set_device(dist.local_rank)
+    dist.barrier()  # every process has checked the folder before the first one writes to it
+    if dist.is_main:
+        if replace_demo:
+            shutil.rmtree(output_dir)
+        if resume_dir is not None:
+            checkpoints.remove_unfinished(output_dir / "checkpoints")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trainer.write_recipe(recipe, output_dir)
+        if not folder_given:
+            model_dir = trainer.model_folder(recipe, output_dir)
+        record = trainer.run_record(recipe, backend, precision, model_dir)
+        record["world_size"] = dist.world_size
+        (output_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    dist.barrier()
     if not folder_given:
-        model_dir = trainer.model_folder(recipe, output_dir)
-    record = trainer.run_record(recipe, backend, precision, model_dir)
-    (output_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        model_dir = trainer.model_folder(recipe, output_dir)  # written by rank 0 above
 
     from .torch_runtime import TorchRuntime
 
-    runtime = TorchRuntime(recipe, backend, precision, model_dir)
+    runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
     records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
-    losses = [r["loss"] for r in records]
-    print(f"trained {len(records)} steps on {device}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   plot: {output_dir / 'loss.png'}")
-    if demo:
-        show_answers(runtime, tokenizer, train_data_path=recipe.data.train)
-        print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
+    if dist.is_main:
+        losses = [r["loss"] for r in records]
+        print(f"trained {len(records)} steps on {device} x{dist.world_size}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
+              f"plot: {output_dir / 'loss.png'}")
+        if demo:
+            show_answers(runtime, tokenizer, train_data_path=recipe.data.train)
+            print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
+    shutdown()
     return 0
 
 
@@ -214,11 +234,24 @@ def run_chat(args: argparse.Namespace) -> int:
             reply(query)
 
 
+# --- doctor ------------------------------------------------------------------------------------------
+def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda | npu (default cpu)")
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run
+
+    return run(args.device)
+
+
 # --- the table ---------------------------------------------------------------------------------------
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune with a recipe (no recipe: the built-in demo)", add_train_arguments, run_train),
     "demo": ("run the built-in demo offline on the CPU", add_demo_arguments, run_demo),
     "chat": ("chat with a base model and an optional tuned adapter", add_chat_arguments, run_chat),
+    "doctor": ("report versions, the device and its capabilities; exit 1 with the fix if unusable",
+               add_doctor_arguments, run_doctor),
 }
 
 

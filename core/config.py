@@ -92,6 +92,7 @@ class Recipe:
     output_dir: str = "outputs/run"
     device: str = "auto"  # auto | cpu | cuda | npu
     framework: str = "torch"
+    deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
 
 
 BUILDERS = ("demo",)  # model names that build a model instead of loading a folder

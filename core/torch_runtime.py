@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,8 @@ from torch import nn
 from tuneport.backends import Backend
 from tuneport.models.chatglm3 import load_model
 
-from .config import Recipe
+from .config import Recipe, resolve_path
+from .distributed import Dist
 from .precision import PrecisionPlan
 
 log = logging.getLogger(__name__)
@@ -65,19 +67,26 @@ def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, 
 class TorchRuntime:
     """One model, one tuning method, one optimizer, on one backend.
 
+    With several processes (torchrun) the model is wrapped in DistributedDataParallel, or handed to
+    DeepSpeed when the recipe names a DeepSpeed config; either averages gradients over processes, so
+    each process scales its loss by the world size to keep the token-sum normalisation.
+
     Args:
         recipe: the validated recipe.
         backend: the device backend.
         precision: the resolved precision plan.
         model_dir: official-layout checkpoint folder of the base model.
+        dist: this process's place in a data-parallel job.
     """
 
-    def __init__(self, recipe: Recipe, backend: Backend, precision: PrecisionPlan, model_dir: Path):
+    def __init__(self, recipe: Recipe, backend: Backend, precision: PrecisionPlan, model_dir: Path,
+                 dist: Dist = Dist()):
         self.recipe = recipe
         self.backend = backend
+        self.dist = dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
-        self.device = backend.device()
+        self.device = backend.device(dist.local_rank)
         self.compute_dtype = DTYPES[precision.compute]
         torch.manual_seed(recipe.train.seed)  # adapter initialisation is part of the run's seed
         backend.manual_seed(recipe.train.seed)
@@ -92,7 +101,31 @@ class TorchRuntime:
             [{"params": decay, "weight_decay": recipe.train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
         self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
+        self.engine = None  # DeepSpeed engine, when the recipe asks for one
+        self.forward_model = self.model
+        if recipe.deepspeed:
+            self._start_deepspeed(precision)
+        elif dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = None if self.device.type == "cpu" else [self.device.index]
+            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.model.train()
+
+    def _start_deepspeed(self, precision: PrecisionPlan) -> None:
+        """Hand the model and optimizer to DeepSpeed (ZeRO stage and the rest from the recipe's config)."""
+        import deepspeed
+
+        t = self.recipe.train
+        config = json.loads(resolve_path(self.recipe.deepspeed).read_text())
+        config.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+                      gradient_clipping=t.grad_clip or 0.0, zero_allow_untested_optimizer=True)
+        config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+        config["bf16"] = {"enabled": precision.compute == "bf16"}
+        config["fp16"] = {"enabled": precision.compute == "fp16", "loss_scale": 0}  # 0: dynamic
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config)
+        self.forward_model = self.engine
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
 
     # --- building -----------------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -102,7 +135,8 @@ class TorchRuntime:
         overrides = {}
         if method.name == "ptuning_v2":
             overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
-        model = load_model(self.model_dir, device=self.backend.name, dtype=base_dtype, **overrides)
+        model = load_model(self.model_dir, device=f"{self.backend.name}:{self.dist.local_rank}", dtype=base_dtype,
+                           **overrides)
         if self.recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if method.name == "full":
@@ -131,22 +165,40 @@ class TorchRuntime:
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int) -> float:
+    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int, boundary: bool = True) -> float:
         """Add this micro-batch's gradients; its loss is summed over label tokens / `num_items`.
+
+        Args:
+            batch: numpy input_ids, labels, attention_mask.
+            num_items: label tokens in the whole optimizer step, over all processes.
+            boundary: the step's last micro-batch (gradients are exchanged between processes only then).
 
         Returns:
             This micro-batch's share of the step's token-averaged loss.
         """
         inputs = self._tensors(batch)
-        with self.backend.autocast(self.compute_dtype):
-            loss = self.model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        ddp = self.engine is None and self.forward_model is not self.model
+        with self.forward_model.no_sync() if ddp and not boundary else nullcontext():
+            with self.backend.autocast(self.compute_dtype):
+                loss = self.forward_model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
+            scaled = loss * self.dist.world_size  # DDP and DeepSpeed average over processes; we want the sum
+            if self.engine is not None:
+                self.engine.backward(scaled, scale_wrt_gas=False)
+                if not boundary:
+                    self.engine.step()  # only advances DeepSpeed's micro-step count
+            else:
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.item()
 
     def optimizer_step(self, lr: float, grad_clip: Optional[float]) -> float:
         """Apply the accumulated gradients with learning rate `lr`; returns the gradient norm."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.engine is not None:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm() or 0.0)
         params = list(self.trainable.values())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -173,15 +225,27 @@ class TorchRuntime:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_state(self, folder: Path) -> None:
-        """Write everything needed to continue bit for bit: trained weights, optimizer, scaler, RNG."""
-        save_file({n: p.detach().contiguous() for n, p in self.trainable.items()}, folder / "trainable.safetensors")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        extra = {"torch_rng": torch.get_rng_state()}
+        """Write everything needed to continue bit for bit: trained weights, optimizer, scaler, and
+        every process's random generators. Called on every process; shared files come from rank 0."""
+        torch.save({"torch_rng": torch.get_rng_state(), "device_rng": self.backend.rng_state()},
+                   folder / f"rng-rank{self.dist.rank}.pt")
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        if not self.dist.is_main:
+            return
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
+                  folder / "trainable.safetensors")
+        if self.engine is None:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.scaler:
-            extra["scaler"] = self.scaler.state_dict()
-        torch.save(extra, folder / "runtime_state.pt")
+            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def load_state(self, folder: Path) -> None:
+        rng = torch.load(folder / f"rng-rank{self.dist.rank}.pt", weights_only=True)
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+            self._restore_rng(rng)
+            return
         weights = load_file(folder / "trainable.safetensors", device=str(self.device))
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
@@ -191,10 +255,13 @@ class TorchRuntime:
                 param.copy_(weights[name])
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
-        extra = torch.load(folder / "runtime_state.pt", weights_only=True)
-        torch.set_rng_state(extra["torch_rng"])
-        if self.scaler and "scaler" in extra:
-            self.scaler.load_state_dict(extra["scaler"])
+        if self.scaler:
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        self._restore_rng(rng)
+
+    def _restore_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch_rng"])
+        self.backend.set_rng_state(rng["device_rng"])
 
     def save_adapter(self, folder: Path) -> None:
         """The tuned result in its portable format.

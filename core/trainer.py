@@ -60,16 +60,26 @@ class Position:
     offset: int = 0
 
 
-def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position) -> Iterator[dict]:
-    """Endless stream of right-padded micro-batches in a per-epoch shuffled order; advances `pos`."""
+def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position,
+                  rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Endless stream of this process's right-padded micro-batches; advances `pos`.
+
+    Samples are taken in a per-epoch shuffled order, `size * world_size` at a time (running on into
+    the next epoch at an epoch's end, so every batch is full), and process `rank` takes its slice.
+    One process with micro-batch M*W therefore sees exactly the samples W processes of M see.
+    """
     n = len(data.samples)
     while True:
-        order = epoch_order(n, seed, pos.epoch)
-        while pos.offset < n:
-            chosen = order[pos.offset: pos.offset + size]
-            pos.offset += len(chosen)
-            yield collate([data.samples[i] for i in chosen], pad_id)
-        pos.epoch, pos.offset = pos.epoch + 1, 0
+        chosen: list[int] = []
+        while len(chosen) < size * world_size:
+            order = epoch_order(n, seed, pos.epoch)
+            take = order[pos.offset: pos.offset + size * world_size - len(chosen)]
+            chosen += take.tolist()
+            pos.offset += len(take)
+            if pos.offset >= n:
+                pos.epoch, pos.offset = pos.epoch + 1, 0
+        mine = chosen[rank * size: (rank + 1) * size]
+        yield collate([data.samples[i] for i in mine], pad_id)
 
 
 # --- model folder ------------------------------------------------------------------------------------
@@ -196,21 +206,41 @@ def load_data(recipe: Recipe, tokenizer) -> tuple[EncodedData, Optional[EncodedD
     return train, encode(recipe.data.eval) if recipe.data.eval else None
 
 
-def total_steps(recipe: Recipe, num_samples: int) -> int:
+def total_steps(recipe: Recipe, num_samples: int, world_size: int = 1) -> int:
+    """Optimizer steps: max_steps, or enough global batches (micro x accumulation x processes) for the epochs."""
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
-    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     return max(1, math.ceil(recipe.train.epochs * num_samples / per_step))
 
 
 def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
-    total, tokens = 0.0, 0
+    """Token-averaged loss over the evaluation data, its batches shared among the processes."""
     size = recipe.train.micro_batch_size
-    batches = [data.samples[i: i + size] for i in range(0, len(data.samples), size)]
-    for samples in batches[: recipe.eval.max_batches]:
+    batches = [data.samples[i: i + size] for i in range(0, len(data.samples), size)][: recipe.eval.max_batches]
+    total, tokens = 0.0, 0
+    for samples in batches[runtime.dist.rank:: runtime.dist.world_size]:
         loss, count = runtime.eval_loss(collate(samples, pad_id))
         total, tokens = total + loss, tokens + count
+    total, tokens = runtime.dist.all_sum([total, tokens])
     return total / max(1, tokens)
+
+
+def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: int) -> None:
+    """Every process writes its part into a temporary folder, then rank 0 publishes it by a rename."""
+    dist = runtime.dist
+    final = root / f"step-{step}"
+    tmp = checkpoints.temporary_dir(final)
+    if dist.is_main:
+        checkpoints.reset_dir(tmp)
+    dist.barrier()
+    runtime.save_state(tmp)
+    dist.barrier()
+    if dist.is_main:
+        checkpoints.write_state(tmp, {"step": step, "position": asdict(pos)})
+        checkpoints.publish(tmp, final)
+        checkpoints.prune(root, keep_last)
+    dist.barrier()
 
 
 def train(
@@ -226,11 +256,14 @@ def train(
 ) -> list[dict]:
     """Run the optimizer steps of `recipe`, from the start or from checkpoint `resume_from`.
 
+    Every process runs this; only rank 0 logs and writes.
+
     Returns:
-        The metric records of the whole run (including those before a resume).
+        The metric records of the whole run (including those before a resume); empty off rank 0.
     """
     t = recipe.train
-    steps = total_steps(recipe, len(train_data.samples))
+    dist = runtime.dist
+    steps = total_steps(recipe, len(train_data.samples), dist.world_size)
     ckpt_root = output_dir / "checkpoints"
     pos, step = Position(), 0
     if resume_from is not None:
@@ -238,41 +271,45 @@ def train(
         runtime.load_state(resume_from)
         step, pos = state["step"], Position(**state["position"])
         log.info("resumed from %s (step %d)", resume_from, step)
-    metrics = MetricsLog(output_dir, step if resume_from is not None else None)
-    stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos)
+    metrics = MetricsLog(output_dir, step if resume_from is not None else None) if dist.is_main else None
+    stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
+                           dist.rank, dist.world_size)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
     try:
         while step < steps:
             started = time.perf_counter()
             batches = [next(stream) for _ in range(t.grad_accum)]
-            num_items = sum(label_tokens(b) for b in batches)
+            num_items, tokens = dist.all_sum([sum(label_tokens(b) for b in batches),
+                                              sum(int(b["attention_mask"].sum()) for b in batches)])
             lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
-            loss = sum(runtime.forward_backward(b, num_items) for b in batches)
+            loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
+                       for i, b in enumerate(batches))
             grad_norm = runtime.optimizer_step(lr, t.grad_clip)
+            (loss,) = dist.all_sum([loss])
             step += 1
             elapsed = time.perf_counter() - started
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                      "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
                       "peak_memory": backend.memory_stats().peak}
             if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
                 record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
-            metrics.write(record)
+            if metrics:
+                metrics.write(record)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if on_step:
                 on_step(record)
             if recipe.save.every and (step % recipe.save.every == 0 or step == steps):
-                with checkpoints.atomic_dir(ckpt_root / f"step-{step}") as folder:
-                    runtime.save_state(folder)
-                    checkpoints.write_state(folder, {"step": step, "position": asdict(pos)})
-                checkpoints.prune(ckpt_root, recipe.save.keep_last)
+                save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
+    if not dist.is_main:
+        return []
     runtime.save_adapter(output_dir / "adapter.tmp")
     shutil.rmtree(output_dir / "adapter", ignore_errors=True)
     (output_dir / "adapter.tmp").rename(output_dir / "adapter")

@@ -1,0 +1,104 @@
+"""The CUDA backend: torch.cuda memory and seeding, bf16 autocast where the card has it (else fp16 with
+GradScaler), attention through scaled_dot_product_attention (flash / memory-efficient kernels, grouped
+KV heads, padding masks), torch's fused RMSNorm, and nccl."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import BackendUnavailable, Capabilities, Kernels, MemoryStats
+from .cpu import sdpa_attention
+from .reference import REFERENCE_KERNELS
+
+log = logging.getLogger(__name__)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm through torch's fused kernel, in float32 like the reference, returned in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+CUDA_KERNELS = Kernels(rms_norm=fused_rms_norm, rotary=REFERENCE_KERNELS.rotary, attention=sdpa_attention,
+                       swiglu=REFERENCE_KERNELS.swiglu)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why CUDA cannot be used here, with the fix; None when it can."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build, e.g. "
+                f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu128")
+    if not torch.cuda.is_available():
+        return (f"torch was built for CUDA {torch.version.cuda} but sees no GPU: check that `nvidia-smi` lists one, "
+                "that the driver supports that CUDA version, and that CUDA_VISIBLE_DEVICES is not empty")
+    return None
+
+
+class CUDABackend:
+    name = "cuda"
+    kernels = CUDA_KERNELS
+
+    def __init__(self):
+        reason = unavailable_reason()
+        if reason:
+            raise BackendUnavailable(f"device cuda: {reason}")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        props = torch.cuda.get_device_properties(0)
+        return Capabilities(
+            device_name=props.name,
+            device_count=torch.cuda.device_count(),
+            memory_total=props.total_memory,
+            bf16=torch.cuda.is_bf16_supported(),
+            fp16=True,
+            dist_backend="nccl",
+            visible_devices_env="CUDA_VISIBLE_DEVICES",
+            bnb_4bit=importlib.util.find_spec("bitsandbytes") is not None,
+        )
+
+    def setup(self) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores; logged, not hidden
+        log.info("cuda setup: TF32 matmuls enabled")
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cuda", index)
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.cuda.manual_seed_all(seed)
+
+    def rng_state(self) -> Optional[torch.Tensor]:
+        return torch.cuda.get_rng_state()
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        if state is not None:
+            torch.cuda.set_rng_state(state)
+
+    def memory_stats(self) -> MemoryStats:
+        return MemoryStats(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
+                           peak=torch.cuda.max_memory_allocated())
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
+
+    def grad_scaler(self, dtype: torch.dtype) -> Optional[torch.amp.GradScaler]:
+        return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None

@@ -1,0 +1,73 @@
+"""Data parallelism through torch.distributed, as launched by torchrun (or DeepSpeed's launcher).
+
+One process per device; the collective backend comes from the device backend's capabilities (gloo
+on the CPU, nccl on CUDA, hccl on Ascend). We only start the process group and use torch's
+collectives; DistributedDataParallel and DeepSpeed do the gradient exchange.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # where collective tensors live: the CPU for gloo, this process's device otherwise
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all processes (the values themselves when alone)."""
+        if not self.active or self.world_size == 1:
+            return list(values)
+        dtype = torch.float64 if self.device == "cpu" else torch.float32  # not every accelerator has fp64
+        tensor = torch.tensor(values, dtype=dtype, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def barrier(self) -> None:
+        if self.active and self.world_size > 1:
+            dist.barrier()
+
+
+def launched() -> bool:
+    """Started by torchrun or DeepSpeed's launcher (they describe the job in the environment)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(dist_backend: str, device_of, process_group_alone: bool = False) -> Dist:
+    """Join the job torchrun described in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
+
+    Args:
+        dist_backend: "gloo", "nccl" or "hccl".
+        device_of: local rank -> torch.device of that process (the backend's `device`).
+        process_group_alone: start the process group even for a one-process job (DeepSpeed needs one).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not launched() or (world == 1 and not process_group_alone):
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(dist_backend)
+    local = int(os.environ["LOCAL_RANK"])
+    device = "cpu" if dist_backend == "gloo" else str(device_of(local))
+    return Dist(rank=dist.get_rank(), world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

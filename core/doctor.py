@@ -1,0 +1,73 @@
+"""`tuneport doctor`: one report a support engineer can read, and an exit status that says whether the
+chosen device is usable (0) or not (1, with the fix)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+
+ENV_VARS = (
+    "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "PYTORCH_NPU_ALLOC_CONF", "TORCH_DEVICE_BACKEND_AUTOLOAD",
+    "ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "WORLD_SIZE", "MASTER_ADDR",
+)
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def report(device: str) -> tuple[list[str], bool]:
+    """Lines of the report for `device`, and whether that device is usable."""
+    from tuneport.backends import BackendUnavailable, get_backend
+
+    lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
+             f"platform {platform.platform()}"]
+    for name in ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "deepspeed"):
+        lines.append(f"{name} {_version(name)}")
+    lines.append("")
+    lines.append(f"device {device}:")
+    usable = True
+    try:
+        backend = get_backend(device)
+        caps = backend.capabilities
+        for key, value in asdict(caps).items():
+            lines.append(f"  {key}: {_gib(value) if key == 'memory_total' else value}")
+        lines.append(f"  memory in use by this process: {_gib(backend.memory_stats().allocated)}")
+    except (BackendUnavailable, ValueError) as e:
+        usable = False
+        lines.append(f"  NOT USABLE: {e}")
+    if device == "npu":
+        lines += npu_stack_lines()
+    lines.append("")
+    lines.append("environment:")
+    for name in ENV_VARS:
+        lines.append(f"  {name}={os.environ[name]}" if name in os.environ else f"  {name} (unset)")
+    return lines, usable
+
+
+def npu_stack_lines() -> list[str]:
+    """The torch / torch_npu / CANN triple and whether it is a known-compatible one."""
+    from tuneport.backends.npu import compatibility, stack_versions
+
+    versions = stack_versions()
+    ok, message = compatibility(versions.get("torch"), versions.get("torch_npu"), versions.get("cann"))
+    return [f"  torch_npu: {versions.get('torch_npu') or 'not installed'}",
+            f"  CANN: {versions.get('cann') or 'not found'}",
+            f"  version triple: {'ok' if ok else 'PROBLEM'}: {message}"]
+
+
+def run(device: str) -> int:
+    lines, usable = report(device)
+    print("\n".join(lines))
+    print(f"\nresult: {device} is {'usable' if usable else 'NOT usable (see the fix above)'}")
+    return 0 if usable else 1
