@@ -373,6 +373,9 @@ class NPUBackend:
     def device(self, index: int = 0) -> torch.device:
         return torch.device("npu", index)
 
+    def set_device(self, index: int) -> None:
+        torch.npu.set_device(index)
+
     def synchronize(self) -> None:
         torch.npu.synchronize()
 

@@ -61,3 +61,19 @@ def test_deepspeed_without_a_launcher_says_how_to_launch(tmp_path, capsys):
     assert main(["train", DEMO, f"output_dir={tmp_path / 'x'}", "deepspeed=builtin:deepspeed/zero2.json"]) == 2
     assert "torchrun --standalone --nproc_per_node N" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_resume_is_bitwise_exact(tmp_path):
+    """2 processes: 4 steps straight equal 2 steps, then --resume to 4 (dropout on: every rank's RNG resumes)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tuneport.core.cli", "train"]
+    common = ["train.micro_batch_size=2", "save.every=2", "train.scheduler=constant", "method.dropout=0.1"]
+    for out, steps in (("straight", 4), ("resumed", 2)):
+        result = subprocess.run([*run, DEMO, f"output_dir={tmp_path / out}", f"train.max_steps={steps}", *common],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([*run, "--resume", str(tmp_path / "resumed"), "train.max_steps=4"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -79,9 +79,17 @@ def test_swiglu():
     torch.testing.assert_close(ref.swiglu(x), gate * torch.sigmoid(gate) * up)
 
 
-@pytest.mark.parametrize("name", ["cpu"])
+def kernel_tables():
+    """Every backend kernel table that runs on CPU tensors (the NPU's is tested against a fake in test_npu)."""
+    from tuneport.backends.cpu import CPUBackend
+    from tuneport.backends.cuda import CUDA_KERNELS  # device-agnostic functions: SDPA and torch's fused RMSNorm
+
+    return {"cpu": CPUBackend.kernels, "cuda": CUDA_KERNELS}
+
+
+@pytest.mark.parametrize("name", sorted(kernel_tables()))
 def test_backend_kernels_match_reference(name, qkv):
-    kernels = get_backend(name).kernels
+    kernels = kernel_tables()[name]
     q, k, v = qkv
     padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
     for mask, causal in [(None, True), (padding, True), (padding, False), (None, False)]:
