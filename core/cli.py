@@ -46,6 +46,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML (default: the built-in demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     p.add_argument("--device", help="cpu | cuda | npu | auto (overrides the recipe)")
+    p.add_argument("--framework", choices=["torch", "mindspore"], help="overrides the recipe (default torch)")
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its newest checkpoint")
 
 
@@ -71,7 +72,7 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
 
     from . import checkpoints, trainer
     from .config import load_recipe, resolve_path
-    from .distributed import init_distributed, launched, shutdown
+    from .distributed import Dist, init_distributed, launched, shutdown
     from .precision import resolve_precision
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
@@ -79,6 +80,8 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         recipe_arg, overrides = None, [recipe_arg, *overrides]  # `tuneport train key=value` overrides the demo
     if args.device:
         overrides.append(f"device={args.device}")
+    if getattr(args, "framework", None):
+        overrides.append(f"framework={args.framework}")
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None:
         if not (resume_dir / "recipe.yaml").exists():
@@ -90,8 +93,15 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     output_dir = Path(recipe.output_dir)
 
     # Everything that can be wrong with the inputs is checked before anything is written.
-    device = resolve_device(recipe.device)
-    backend = get_backend(device)
+    use_mindspore = recipe.framework == "mindspore"
+    if use_mindspore:
+        from tuneport.backends.mindspore import MindSporeDevice
+
+        device = "cpu" if recipe.device == "auto" else recipe.device
+        backend = MindSporeDevice(device)
+    else:
+        device = resolve_device(recipe.device)
+        backend = get_backend(device)
     precision = resolve_precision(recipe.precision, device, backend.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
         raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
@@ -119,7 +129,8 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
                                    f"--resume {output_dir}, or choose another output_dir=...")
 
     backend.setup()
-    dist = init_distributed(backend.capabilities.dist_backend, backend.device, process_group_alone=bool(recipe.deepspeed))
+    dist = Dist() if use_mindspore else init_distributed(backend.capabilities.dist_backend, backend.device,
+                                                     process_group_alone=bool(recipe.deepspeed))
     backend.set_device(dist.local_rank)
     dist.barrier()  # every process has checked the folder before the first one writes to it
     if dist.is_main:
@@ -138,13 +149,18 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     if not folder_given:
         model_dir = trainer.model_folder(recipe, output_dir)  # written by rank 0 above
 
-    from .torch_runtime import TorchRuntime
+    if use_mindspore:
+        from tuneport.backends.mindspore import MindSporeRuntime
 
-    runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
+        runtime = MindSporeRuntime(recipe, backend, precision, model_dir, dist)
+    else:
+        from .torch_runtime import TorchRuntime
+
+        runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
     records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
     if dist.is_main:
         losses = [r["loss"] for r in records]
-        print(f"trained {len(records)} steps on {device} x{dist.world_size}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        print(f"trained {len(records)} steps ({recipe.framework}) on {device} x{dist.world_size}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
               f"plot: {output_dir / 'loss.png'}")
         if demo:
@@ -237,12 +253,27 @@ def run_chat(args: argparse.Namespace) -> int:
 # --- doctor ------------------------------------------------------------------------------------------
 def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | npu (default cpu)")
+    p.add_argument("--framework", default="torch", choices=["torch", "mindspore"])
 
 
 def run_doctor(args: argparse.Namespace) -> int:
     from .doctor import run
 
-    return run(args.device)
+    return run(args.device, args.framework)
+
+
+# --- convert -------------------------------------------------------------------------------------------
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="checkpoint folder (pickle .bin or safetensors shards)")
+    p.add_argument("destination", help="new folder: the same checkpoint as safetensors shards")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from tuneport.models.chatglm3.checkpoint import convert_to_safetensors
+
+    convert_to_safetensors(Path(args.source), Path(args.destination))
+    print(f"wrote {args.destination}")
+    return 0
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -252,6 +283,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "chat": ("chat with a base model and an optional tuned adapter", add_chat_arguments, run_chat),
     "doctor": ("report versions, the device and its capabilities; exit 1 with the fix if unusable",
                add_doctor_arguments, run_doctor),
+    "convert": ("rewrite a checkpoint folder's weights as safetensors shards (no pickle, no torch needed to read)",
+                add_convert_arguments, run_convert),
 }
 
 
@@ -272,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after options too (`train RECIPE --device cpu train.lr=1e-4`).
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

@@ -22,7 +22,7 @@ METHODS = ("lora", "ptuning_v2", "qlora", "full")
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FRAMEWORKS = ("torch",)
+FRAMEWORKS = ("torch", "mindspore")
 BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
 
 
@@ -41,6 +41,7 @@ class MethodConfig:
     prefix_projection: bool = False  # P-tuning v2 prefix through a 2-layer MLP
     quant_type: str = "nf4"  # QLoRA 4-bit type: nf4 | fp4
     double_quant: bool = True  # QLoRA: quantize the quantization constants too
+    init_from: Optional[str] = None  # LoRA: start from this PEFT adapter folder instead of a fresh one
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Recipe:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     output_dir: str = "outputs/run"
     device: str = "auto"  # auto | cpu | cuda | npu
-    framework: str = "torch"
+    framework: str = "torch"  # torch | mindspore
     deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
 
 

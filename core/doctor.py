@@ -26,19 +26,25 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def report(device: str) -> tuple[list[str], bool]:
-    """Lines of the report for `device`, and whether that device is usable."""
+def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
+    """Lines of the report for `device` under `framework`, and whether it is usable."""
     from tuneport.backends import BackendUnavailable, get_backend
 
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]
-    for name in ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "deepspeed"):
+    for name in ("torch", "transformers", "peft", "safetensors", "numpy", "bitsandbytes", "deepspeed", "mindspore"):
         lines.append(f"{name} {_version(name)}")
     lines.append("")
-    lines.append(f"device {device}:")
+    lines.append(f"device {device} ({framework}):")
     usable = True
     try:
-        backend = get_backend(device)
+        if framework == "mindspore":
+            from tuneport.backends.mindspore import MindSporeDevice
+
+            backend = MindSporeDevice(device)
+            lines.append(f"  mindspore {_version('mindspore')} with numpy {_version('numpy')} (MindSpore needs numpy<2): ok")
+        else:
+            backend = get_backend(device)
         caps = backend.capabilities
         for key, value in asdict(caps).items():
             lines.append(f"  {key}: {_gib(value) if key == 'memory_total' else value}")
@@ -66,8 +72,8 @@ def npu_stack_lines() -> list[str]:
             f"  version triple: {'ok' if ok else 'PROBLEM'}: {message}"]
 
 
-def run(device: str) -> int:
-    lines, usable = report(device)
+def run(device: str, framework: str = "torch") -> int:
+    lines, usable = report(device, framework)
     print("\n".join(lines))
     print(f"\nresult: {device} is {'usable' if usable else 'NOT usable (see the fix above)'}")
     return 0 if usable else 1

@@ -159,6 +159,14 @@ class TorchRuntime:
                             target_modules=list(method.target_modules), task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
+        if method.init_from:
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(resolve_path(method.init_from) / "adapter_model.safetensors", device=str(self.device))
+            result = set_peft_model_state_dict(peft_model, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
+                                        "match no layer of this model")
         return peft_model
 
     # --- training -----------------------------------------------------------------------------------

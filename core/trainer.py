@@ -156,7 +156,7 @@ def plot_loss(records: list[dict], path: Path) -> None:
 
 def package_versions() -> dict:
     found = {"python": platform.python_version()}
-    for name in ("tuneport", "torch", "transformers", "peft", "safetensors", "numpy"):
+    for name in ("tuneport", "torch", "transformers", "peft", "safetensors", "numpy", "mindspore", "deepspeed"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

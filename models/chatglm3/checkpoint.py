@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -224,3 +225,22 @@ def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{file}: not a SentencePiece model ({e})") from None
 
+
+
+def convert_to_safetensors(source: Path, destination: Path) -> None:
+    """Copy a checkpoint folder, its weights rewritten shard for shard as safetensors (with an index)."""
+    from safetensors.torch import save_file
+
+    files = weight_files(Path(source))
+    destination.mkdir(parents=True, exist_ok=False)
+    weight_map = {}
+    for i, file in enumerate(files, start=1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        shard = {key: tensor.contiguous() for key, tensor in read_shard(file)}
+        save_file(shard, destination / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (destination / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for extra in Path(source).iterdir():
+        if extra.suffix in (".json", ".model", ".txt") and "index" not in extra.name and extra.is_file():
+            shutil.copy(extra, destination / extra.name)

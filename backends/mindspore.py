@@ -1,0 +1,267 @@
+"""The MindSpore runtime: the same recipes, checkpoints and PEFT-format adapters, trained by MindSpore.
+
+`MindSporeRuntime` implements the interface the training loop in `core/trainer.py` drives (as
+`TorchRuntime` does): micro-batch forward/backward with token-normalised accumulation, AdamW steps
+with torch's exact update rule and clipping, evaluation, exact checkpoints, adapters, greedy
+generation. `MindSporeDevice` is the device side: `--device cpu|npu|cuda` maps to MindSpore's
+CPU / Ascend / GPU targets. Runs in PyNative mode, one process per device (multi-card Ascend jobs
+start with `msrun`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import resource
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .base import BackendUnavailable, Capabilities, MemoryStats
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"cpu": "CPU", "npu": "Ascend", "cuda": "GPU"}
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, so both frameworks take the same steps
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why MindSpore cannot run here, with the fix; None when it can."""
+    if importlib.util.find_spec("mindspore") is None:
+        return "MindSpore is not installed; install it with: pip install 'tuneport[mindspore]' (MindSpore 2.x, numpy<2)"
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        return (f"MindSpore needs numpy<2 but numpy {numpy.__version__} is installed; "
+                "run: pip install 'numpy<2'")
+    try:
+        import mindspore  # noqa: F401
+    except Exception as e:  # a broken install raises many kinds of errors
+        return f"MindSpore is installed but cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+class MindSporeDevice:
+    """The device as MindSpore sees it: what the CLI and training loop ask of a backend."""
+
+    def __init__(self, device: str):
+        reason = unavailable_reason()
+        if reason:
+            raise BackendUnavailable(f"framework mindspore: {reason}")
+        if device not in TARGETS:
+            raise BackendUnavailable(f"framework mindspore: device {device!r} is not one of {', '.join(TARGETS)}")
+        self.name = device
+        self.target = TARGETS[device]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        import mindspore as ms
+
+        name = self.target
+        with contextlib.suppress(Exception):
+            name = ms.hal.get_device_name(0) if self.target != "CPU" else "cpu"
+        ascend_a2 = name.startswith(("Ascend910B", "Ascend910_93"))
+        return Capabilities(device_name=name, device_count=1, memory_total=0,
+                            bf16=ascend_a2 or self.target == "GPU", fp16=self.target != "CPU",
+                            dist_backend={"CPU": "gloo", "Ascend": "hccl", "GPU": "nccl"}[self.target],
+                            visible_devices_env={"Ascend": "ASCEND_RT_VISIBLE_DEVICES",
+                                                 "GPU": "CUDA_VISIBLE_DEVICES"}.get(self.target))
+
+    def setup(self) -> None:
+        import mindspore as ms
+
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        ms.set_device(self.target)
+        log.info("mindspore %s: PyNative mode on %s", ms.__version__, self.target)
+
+    def set_device(self, index: int) -> None:
+        pass  # MindSpore binds a process to its device in setup (device_id from msrun's environment)
+
+    def device(self, index: int = 0) -> str:
+        return f"{self.target}:{index}"
+
+    def memory_stats(self) -> MemoryStats:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host memory; device stats need Ascend
+        return MemoryStats(allocated=0, reserved=0, peak=peak)
+
+
+class MindSporeRuntime:
+    """One MindSpore model, one tuning method, AdamW; the same interface as TorchRuntime."""
+
+    def __init__(self, recipe, device: MindSporeDevice, precision, model_dir: Path, dist):
+        import mindspore as ms
+
+        from tuneport.models.chatglm3 import mindspore as msmodel
+
+        self.ms, self.msmodel = ms, msmodel
+        self.recipe, self.device, self.dist = recipe, device, dist
+        self.method = recipe.method
+        self.model_dir = Path(model_dir)
+        if precision.compute != "fp32" and device.target == "CPU":
+            raise ValueError(f"precision: {precision.compute} is not supported by MindSpore on the CPU; use fp32")
+        self.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[precision.compute]
+        self.loss_scaler = None
+        if precision.loss_scaling:
+            from mindspore.amp import DynamicLossScaler
+
+            self.loss_scaler = DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=1000)
+        ms.set_seed(recipe.train.seed)
+        self.model = self._build_model()
+        self.trainable = {p.name: p for p in self.model.get_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ValueError(f"method {self.method.name}: nothing to train")
+        log.info("trainable parameters: %s", f"{sum(int(np.prod(p.shape)) for p in self.trainable.values()):,}")
+        params = list(self.trainable.values())
+        self.exp_avg = [ms.ops.zeros_like(p) for p in params]
+        self.exp_avg_sq = [ms.ops.zeros_like(p) for p in params]
+        self.grads = None
+        self.step_count = 0
+        self.grad_fn = ms.value_and_grad(self._loss, None, params)
+        self.model.set_train(True)
+
+    def _build_model(self):
+        method, mm = self.method, self.msmodel
+        overrides = {}
+        if method.name == "ptuning_v2":
+            overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
+        if method.name == "qlora":
+            raise ValueError("method qlora needs bitsandbytes 4-bit kernels, which MindSpore does not have; "
+                             "use method lora with --framework mindspore")
+        model = mm.load_model(self.model_dir, **overrides)
+        model.compute_dtype = self.compute_dtype
+        if method.name == "lora":
+            if getattr(method, "init_from", None):
+                mm.load_lora(model, method.init_from, trainable=True)
+            else:
+                mm.add_lora(model, method.r, method.alpha, method.dropout, list(method.target_modules),
+                            seed=self.recipe.train.seed)
+                for name, param in model.parameters_and_names():
+                    param.requires_grad = ".lora_" in name
+        elif method.name == "ptuning_v2":
+            for name, param in model.parameters_and_names():
+                param.requires_grad = name.startswith("transformer.prefix_encoder.")
+        return model
+
+    # --- training -----------------------------------------------------------------------------------
+    def _loss(self, ids, mask, labels, num_items):
+        _, loss = self.model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+        return self.loss_scaler.scale(loss) if self.loss_scaler else loss
+
+    def forward_backward(self, batch: dict, num_items: int, boundary: bool = True) -> float:
+        ms = self.ms
+        loss, grads = self.grad_fn(ms.Tensor(batch["input_ids"], ms.int32), batch["attention_mask"],
+                                   ms.Tensor(batch["labels"], ms.int32), num_items)
+        if self.loss_scaler:
+            grads = self.loss_scaler.unscale(grads)
+            loss = self.loss_scaler.unscale(loss)
+        self.grads = list(grads) if self.grads is None else [a + g for a, g in zip(self.grads, grads)]
+        return float(loss.asnumpy())
+
+    def optimizer_step(self, lr: float, grad_clip: Optional[float]) -> float:
+        """AdamW with torch's update order (decay, moments, bias corrections), after torch-style clipping."""
+        ops = self.ms.ops
+        grads, self.grads = self.grads, None
+        norm = float(np.sqrt(sum(float((g.astype(self.ms.float32) ** 2).sum().asnumpy()) for g in grads)))
+        if self.loss_scaler is not None:
+            from mindspore.amp import all_finite
+
+            finite = all_finite(grads)
+            self.loss_scaler.adjust(finite)
+            if not bool(finite.asnumpy()):
+                log.warning("fp16 overflow: step skipped, loss scale lowered")
+                return norm
+        if grad_clip:
+            coef = min(grad_clip / (norm + 1e-6), 1.0)
+            grads = [g * coef for g in grads]
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = BETAS
+        step_size = lr / (1 - b1**t)
+        correction2_sqrt = math.sqrt(1 - b2**t)
+        decay = self.recipe.train.weight_decay
+        for i, (param, grad) in enumerate(zip(self.trainable.values(), grads)):
+            value = param * (1 - lr * decay) if decay and param.ndim >= 2 else param
+            self.exp_avg[i] = self.exp_avg[i] + (grad - self.exp_avg[i]) * (1 - b1)
+            self.exp_avg_sq[i] = self.exp_avg_sq[i] * b2 + grad * grad * (1 - b2)
+            denom = ops.sqrt(self.exp_avg_sq[i]) / correction2_sqrt + EPS
+            param.set_data(value - step_size * self.exp_avg[i] / denom)
+        return norm
+
+    def eval_loss(self, batch: dict) -> tuple[float, int]:
+        self.model.set_train(False)
+        try:
+            _, loss = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                 num_items_in_batch=1)
+            return float(loss.asnumpy()), int((batch["labels"][:, 1:] != -100).sum())
+        finally:
+            self.model.set_train(True)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+
+        if not self.dist.is_main:
+            return
+        save_file({n: p.asnumpy() for n, p in self.trainable.items()}, str(folder / "trainable.safetensors"))
+        moments = {f"exp_avg.{n}": m.asnumpy() for n, m in zip(self.trainable, self.exp_avg)}
+        moments.update({f"exp_avg_sq.{n}": v.asnumpy() for n, v in zip(self.trainable, self.exp_avg_sq)})
+        save_file(moments, str(folder / "optimizer.safetensors"))
+        state = {"step": self.step_count}
+        if self.loss_scaler:
+            state["loss_scale"] = float(self.loss_scaler.scale_value.asnumpy())
+        (folder / "mindspore_state.json").write_text(json.dumps(state))
+
+    def load_state(self, folder: Path) -> None:
+        from safetensors.numpy import load_file
+
+        ms = self.ms
+        weights = load_file(str(folder / "trainable.safetensors"))
+        moments = load_file(str(folder / "optimizer.safetensors"))
+        for i, (name, param) in enumerate(self.trainable.items()):
+            param.set_data(ms.Tensor(weights[name]))
+            self.exp_avg[i] = ms.Tensor(moments[f"exp_avg.{name}"])
+            self.exp_avg_sq[i] = ms.Tensor(moments[f"exp_avg_sq.{name}"])
+        state = json.loads((folder / "mindspore_state.json").read_text())
+        self.step_count = state["step"]
+        if self.loss_scaler and "loss_scale" in state:
+            self.loss_scaler.scale_value.set_data(ms.Tensor(state["loss_scale"], ms.float32))
+
+    def save_adapter(self, folder: Path) -> None:
+        """The same formats as TorchRuntime: PEFT LoRA, or the official prefix-encoder weights."""
+        from safetensors.numpy import save_file
+
+        m = self.method
+        if m.name == "lora":
+            self.msmodel.save_lora(self.model, folder, m.r, m.alpha, m.dropout, list(m.target_modules),
+                                   base_model=str(self.model_dir.resolve()))
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if m.name == "ptuning_v2":
+            (folder / "prefix_config.json").write_text(json.dumps(
+                {"pre_seq_len": m.num_virtual_tokens, "prefix_projection": m.prefix_projection}))
+            save_file({n: p.asnumpy() for n, p in self.trainable.items()}, str(folder / "prefix_encoder.safetensors"))
+        else:  # full: a checkpoint folder in the official layout
+            save_file({n: p.asnumpy() for n, p in self.model.parameters_and_names()}, str(folder / "model.safetensors"))
+            (folder / "config.json").write_text(self.model.config.to_json_string())
+
+    # --- generation ---------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
+        """Greedy continuation with the KV cache, ending at any of `stop_ids` (not included)."""
+        self.model.set_train(False)
+        try:
+            cache = self.msmodel.KVCache()
+            ids, new = np.array([prompt_ids], np.int32), []
+            for _ in range(max_new_tokens):
+                logits, _ = self.model(ids, cache=cache)
+                token = int(logits[0, -1].asnumpy().argmax())
+                if token in stop_ids:
+                    break
+                new.append(token)
+                ids = np.array([[token]], np.int32)
+            return new
+        finally:
+            self.model.set_train(True)
