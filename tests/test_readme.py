@@ -27,3 +27,5 @@ def test_ci_runs_the_readme_commands():
     assert commands == "pip install torch==2.13.0 && pip install -e '.[dev]' && tuneport demo"
     assert commands in ci
     assert tests in ci
+    mindspore = "pip install -e '.[mindspore]'"
+    assert mindspore in README.read_text(encoding="utf-8") and mindspore in ci
