@@ -184,16 +184,6 @@ def run_record(recipe: Recipe, backend, precision, model_dir: Path) -> dict:
 
 
 # --- the loop ----------------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    """Everything validated before anything is written: a bad input costs nothing on disk."""
-
-    recipe: Recipe
-    tokenizer: object
-    train: EncodedData
-    eval: Optional[EncodedData]
-
-
 def load_data(recipe: Recipe, tokenizer) -> tuple[EncodedData, Optional[EncodedData]]:
     def encode(path: str) -> EncodedData:
         return encode_dataset(resolve_path(path), tokenizer, fmt=recipe.data.format,

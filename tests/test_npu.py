@@ -271,7 +271,7 @@ def test_rotary_full_head_and_constraints(monkeypatch):
 
 
 def test_rotary_on_torch_npu_without_rotary_mode(monkeypatch, caplog):
-    mod = fake.install(monkeypatch, "910B", rotary_mode_arg=False)
+    fake.install(monkeypatch, "910B", rotary_mode_arg=False)
     kernels = get_backend("npu").kernels
     x, cos, sin = rotary_inputs(2, 4, 2, 32, rot=16, cos_batch=1)
     with caplog.at_level(logging.WARNING, logger="tuneport.backends.npu"):
