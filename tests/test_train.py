@@ -129,7 +129,9 @@ def test_run_records(tmp_path):
     assert "eval_loss" in records[1] and "eval_loss" not in records[0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last 1
     run = json.loads((out / "run.json").read_text())
-    assert run["versions"]["torch"] == torch.__version__.split("+")[0] or run["versions"]["torch"]
+    from importlib.metadata import version
+
+    assert run["versions"]["torch"] == version("torch") and run["versions"]["peft"] == version("peft")
     assert run["device"] == "cpu" and run["precision"]["compute"] == "fp32"
     assert len(run["sha256"]["data"]["builtin:demo/data.jsonl"]) == 64 and "config.json" in run["sha256"]["model"]
     assert (out / "loss.png").stat().st_size > 1000 and list((out / "tensorboard").iterdir())
