@@ -102,7 +102,8 @@ class MindSporeRuntime:
         self.method = recipe.method
         self.model_dir = Path(model_dir)
         if precision.compute != "fp32" and device.target == "CPU":
-            raise ValueError(f"precision: {precision.compute} is not supported by MindSpore on the CPU; use fp32")
+            raise BackendUnavailable(f"precision: {precision.compute} is not supported by MindSpore on the CPU; "
+                                     "use precision=fp32 (or auto)")
         self.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[precision.compute]
         self.loss_scaler = None
         if precision.loss_scaling:
@@ -113,7 +114,7 @@ class MindSporeRuntime:
         self.model = self._build_model()
         self.trainable = {p.name: p for p in self.model.get_parameters() if p.requires_grad}
         if not self.trainable:
-            raise ValueError(f"method {self.method.name}: nothing to train")
+            raise BackendUnavailable(f"method {self.method.name}: nothing to train")
         log.info("trainable parameters: %s", f"{sum(int(np.prod(p.shape)) for p in self.trainable.values()):,}")
         params = list(self.trainable.values())
         self.exp_avg = [ms.ops.zeros_like(p) for p in params]
@@ -129,8 +130,8 @@ class MindSporeRuntime:
         if method.name == "ptuning_v2":
             overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
         if method.name == "qlora":
-            raise ValueError("method qlora needs bitsandbytes 4-bit kernels, which MindSpore does not have; "
-                             "use method lora with --framework mindspore")
+            raise BackendUnavailable("method qlora needs bitsandbytes 4-bit kernels, which MindSpore does not have; "
+                                     "use method.name=lora with --framework mindspore")
         model = mm.load_model(self.model_dir, **overrides)
         model.compute_dtype = self.compute_dtype
         if method.name == "lora":

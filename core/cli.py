@@ -66,14 +66,10 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def run_train(args: argparse.Namespace, demo: bool = False) -> int:
-    from tuneport.backends import get_backend
-    from tuneport.models.chatglm3 import load_tokenizer
-
-    from . import checkpoints, trainer
-    from .config import load_recipe, resolve_path
-    from .distributed import Dist, init_distributed, launched, shutdown
-    from .precision import resolve_precision
+def read_recipe(args: argparse.Namespace, demo: bool):
+    """The recipe a train command asks for: (recipe, resume folder or None, whether it is the demo)."""
+    from .config import load_recipe
+    from .trainer import RunError
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
     if recipe_arg and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
@@ -82,26 +78,41 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         overrides.append(f"device={args.device}")
     if getattr(args, "framework", None):
         overrides.append(f"framework={args.framework}")
-    resume_dir = Path(args.resume) if args.resume else None
-    if resume_dir is not None:
+    if args.resume:
+        resume_dir = Path(args.resume)
         if not (resume_dir / "recipe.yaml").exists():
-            raise trainer.RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
-        recipe = load_recipe(resume_dir / "recipe.yaml", tuple(overrides + [f"output_dir={resume_dir}"]))
-    else:
-        demo = demo or recipe_arg is None
-        recipe = load_recipe(recipe_arg or DEMO_RECIPE, tuple(overrides))
+            raise RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
+        return load_recipe(resume_dir / "recipe.yaml", (*overrides, f"output_dir={resume_dir}")), resume_dir, demo
+    return load_recipe(recipe_arg or DEMO_RECIPE, tuple(overrides)), None, demo or recipe_arg is None
+
+
+def device_for(recipe):
+    """(device name, backend) for the recipe's framework and device."""
+    from tuneport.backends import get_backend
+
+    if recipe.framework == "mindspore":
+        from tuneport.backends.mindspore import MindSporeDevice
+
+        device = "cpu" if recipe.device == "auto" else recipe.device
+        return device, MindSporeDevice(device)
+    device = resolve_device(recipe.device)
+    return device, get_backend(device)
+
+
+def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+    from tuneport.models.chatglm3 import load_tokenizer
+
+    from . import checkpoints, trainer
+    from .config import load_recipe, resolve_path
+    from .distributed import Dist, init_distributed, launched, shutdown
+    from .precision import resolve_precision
+
+    recipe, resume_dir, demo = read_recipe(args, demo)
     output_dir = Path(recipe.output_dir)
 
     # Everything that can be wrong with the inputs is checked before anything is written.
     use_mindspore = recipe.framework == "mindspore"
-    if use_mindspore:
-        from tuneport.backends.mindspore import MindSporeDevice
-
-        device = "cpu" if recipe.device == "auto" else recipe.device
-        backend = MindSporeDevice(device)
-    else:
-        device = resolve_device(recipe.device)
-        backend = get_backend(device)
+    device, backend = device_for(recipe)
     precision = resolve_precision(recipe.precision, device, backend.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
         raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
