@@ -101,9 +101,6 @@ class MindSporeRuntime:
         self.recipe, self.device, self.dist = recipe, device, dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
-        if precision.compute != "fp32" and device.target == "CPU":
-            raise BackendUnavailable(f"precision: {precision.compute} is not supported by MindSpore on the CPU; "
-                                     "use precision=fp32 (or auto)")
         self.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[precision.compute]
         self.loss_scaler = None
         if precision.loss_scaling:
@@ -134,9 +131,13 @@ class MindSporeRuntime:
                                      "use method.name=lora with --framework mindspore")
         model = mm.load_model(self.model_dir, **overrides)
         model.compute_dtype = self.compute_dtype
+        self.lora = (method.r, method.alpha, method.dropout, list(method.target_modules))
         if method.name == "lora":
-            if getattr(method, "init_from", None):
-                mm.load_lora(model, method.init_from, trainable=True)
+            if method.init_from:
+                config = mm.load_lora(model, method.init_from, trainable=True)
+                targets = config["target_modules"]
+                self.lora = (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                             [targets] if isinstance(targets, str) else list(targets))
             else:
                 mm.add_lora(model, method.r, method.alpha, method.dropout, list(method.target_modules),
                             seed=self.recipe.train.seed)
@@ -211,6 +212,8 @@ class MindSporeRuntime:
         moments = {f"exp_avg.{n}": m.asnumpy() for n, m in zip(self.trainable, self.exp_avg)}
         moments.update({f"exp_avg_sq.{n}": v.asnumpy() for n, v in zip(self.trainable, self.exp_avg_sq)})
         save_file(moments, str(folder / "optimizer.safetensors"))
+        # MindSpore's dropout draws from per-operator seeds that no public API saves, so a resumed run
+        # is bit-exact only without dropout (LoRA dropout 0; P-tuning's prefix dropout is always on).
         state = {"step": self.step_count}
         if self.loss_scaler:
             state["loss_scale"] = float(self.loss_scaler.scale_value.asnumpy())
@@ -237,8 +240,7 @@ class MindSporeRuntime:
 
         m = self.method
         if m.name == "lora":
-            self.msmodel.save_lora(self.model, folder, m.r, m.alpha, m.dropout, list(m.target_modules),
-                                   base_model=str(self.model_dir.resolve()))
+            self.msmodel.save_lora(self.model, folder, *self.lora, base_model=str(self.model_dir.resolve()))
             return
         folder.mkdir(parents=True, exist_ok=True)
         if m.name == "ptuning_v2":

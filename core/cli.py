@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -93,7 +94,16 @@ def device_for(recipe):
     if recipe.framework == "mindspore":
         from tuneport.backends.mindspore import MindSporeDevice
 
-        device = "cpu" if recipe.device == "auto" else recipe.device
+        from .distributed import launched
+        from .trainer import RunError
+
+        if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
+            raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
+                           "path (torchrun, hccl on Ascend)")
+        device = recipe.device
+        if device == "auto":
+            device = "cpu"
+            log.warning("framework mindspore: device auto means the CPU; pass --device npu for Ascend")
         return device, MindSporeDevice(device)
     device = resolve_device(recipe.device)
     return device, get_backend(device)
@@ -116,6 +126,10 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     precision = resolve_precision(recipe.precision, device, backend.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
         raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
+    if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
+            "zero_optimization", {}).get("stage", 0) == 3:
+        raise trainer.RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
+                               "use stage 2 (builtin:deepspeed/zero2.json)")
     if recipe.deepspeed and not launched():
         raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
                                "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
@@ -127,14 +141,18 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, model_dir if folder_given else None))
     train_data, eval_data = trainer.load_data(recipe, tokenizer)
 
-    resume_from, replace_demo = None, False
+    resume_from, replace_old = None, False
     if resume_dir is not None:
         resume_from = checkpoints.latest_checkpoint(output_dir / "checkpoints")
         if resume_from is None:
             log.warning("%s has no complete checkpoint; starting from step 0", output_dir)
     elif (output_dir / "recipe.yaml").exists():
+        progress = checkpoints.latest_checkpoint(output_dir / "checkpoints") or (output_dir / "adapter").exists()
         if demo and load_recipe(output_dir / "recipe.yaml").model == "demo":
-            replace_demo = True  # a previous demo: start the demo afresh
+            replace_old = True  # a previous demo: start the demo afresh
+        elif not progress:
+            replace_old = True  # a start that failed before its first checkpoint holds nothing to keep
+            log.warning("%s holds a run with no checkpoint and no adapter; starting it afresh", output_dir)
         else:
             raise trainer.RunError(f"output_dir: {output_dir} already holds a run; continue it with "
                                    f"--resume {output_dir}, or choose another output_dir=...")
@@ -145,7 +163,7 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     backend.set_device(dist.local_rank)
     dist.barrier()  # every process has checked the folder before the first one writes to it
     if dist.is_main:
-        if replace_demo:
+        if replace_old:
             shutil.rmtree(output_dir)
         if resume_dir is not None:
             checkpoints.remove_unfinished(output_dir / "checkpoints")

@@ -111,7 +111,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {text!r}: expected key=value, e.g. train.lr=1e-4")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML; quote it, e.g. {key}='{value}'") from None
 
 
 def apply_override(values: dict, keys: list[str], value: Any) -> None:
@@ -211,6 +214,7 @@ def _check_values(r: Recipe) -> list[str]:
     choice("train.scheduler", r.train.scheduler, SCHEDULERS)
     choice("precision", r.precision, PRECISIONS)
     choice("framework", r.framework, FRAMEWORKS)
+    choice("device", r.device.split(":")[0], ("auto", "cpu", "cuda", "npu"))
     if (r.train.max_steps is None) == (r.train.epochs is None):
         found.append("train.max_steps / train.epochs: give exactly one of them (the other null)")
     for name, value in [("method.r", r.method.r), ("method.num_virtual_tokens", r.method.num_virtual_tokens),
@@ -254,6 +258,8 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ())
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise RecipeError(f"{name}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{name}: cannot be read as a YAML recipe ({e.__class__.__name__}: {e})") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f"line {line + 1}: " if line is not None else ""

@@ -157,13 +157,21 @@ class TorchRuntime:
 
         config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                             target_modules=list(method.target_modules), task_type="CAUSAL_LM")
-        peft_model = get_peft_model(model, config)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as e:  # peft: no module matches target_modules
+            raise MethodUnavailable(f"method.target_modules: {list(method.target_modules)} ({e}); ChatGLM3's linear "
+                                    "layers are query_key_value, dense, dense_h_to_4h, dense_4h_to_h") from None
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
         if method.init_from:
             from peft import set_peft_model_state_dict
 
             weights = load_file(resolve_path(method.init_from) / "adapter_model.safetensors", device=str(self.device))
-            result = set_peft_model_state_dict(peft_model, weights)
+            try:
+                result = set_peft_model_state_dict(peft_model, weights)
+            except RuntimeError as e:  # shape mismatch: the adapter has another rank or targets
+                raise MethodUnavailable(f"method.init_from: {method.init_from} does not fit method.r={method.r} and "
+                                        f"method.target_modules={list(method.target_modules)}: {str(e)[:300]}") from None
             if getattr(result, "unexpected_keys", None):
                 raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
                                         "match no layer of this model")
@@ -257,7 +265,8 @@ class TorchRuntime:
         weights = load_file(folder / "trainable.safetensors", device=str(self.device))
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
-            raise ValueError(f"{folder}: checkpoint lacks trained weights {missing[:3]}; it is from another recipe")
+            raise MethodUnavailable(f"{folder}: checkpoint lacks trained weights {missing[:3]}; it is from another "
+                                    "method or recipe: resume without changing method.*")
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(weights[name])

@@ -110,7 +110,7 @@ class MetricsLog:
     def __init__(self, output_dir: Path, resume_step: Optional[int]):
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop what the killed run logged past its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -129,7 +129,16 @@ class MetricsLog:
         self.tb.close()
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if _step(line) != math.inf] \
+            if self.path.exists() else []
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def plot_loss(records: list[dict], path: Path) -> None:
@@ -227,7 +236,9 @@ def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: in
     runtime.save_state(tmp)
     dist.barrier()
     if dist.is_main:
-        checkpoints.write_state(tmp, {"step": step, "position": asdict(pos)})
+        checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
+                                      "micro_batch_size": runtime.recipe.train.micro_batch_size,
+                                      "grad_accum": runtime.recipe.train.grad_accum})
         checkpoints.publish(tmp, final)
         checkpoints.prune(root, keep_last)
     dist.barrier()
@@ -258,6 +269,13 @@ def train(
     pos, step = Position(), 0
     if resume_from is not None:
         state = checkpoints.read_state(resume_from)
+        layout = {"world_size": dist.world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
+        changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
+        if changed:
+            raise RunError(f"--resume: {resume_from} was written with "
+                           + ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
+                           + " but this run has " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
+                           + "; resume with the same processes and batch settings for an exact continuation")
         runtime.load_state(resume_from)
         step, pos = state["step"], Position(**state["position"])
         log.info("resumed from %s (step %d)", resume_from, step)

@@ -280,3 +280,23 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.model and recipe.data.train
     assert path.read_text().startswith("# ")  # a header comment with the command
     assert "tuneport " in path.read_text().split("\n\n")[0]
+
+
+def test_more_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    """Each mistake ends with exit 2 and one `error:` line; a start that failed can simply be rerun."""
+    cases = {
+        "device=gpu": "device: 'gpu' is not one of auto, cpu, cuda, npu",
+        "method.target_modules=[dense": "is not valid YAML",
+        "deepspeed=builtin:deepspeed/missing.json": "deepspeed: builtin:deepspeed/missing.json: file not found",
+        "method.target_modules=[qkv]": "method.target_modules: ['qkv']",
+    }
+    for override, message in cases.items():
+        assert main(["train", DEMO, f"output_dir={tmp_path / 'run'}", "train.max_steps=2", override]) == 2
+        assert message in capsys.readouterr().err, override
+    assert main(["train", DEMO, f"output_dir={tmp_path / 'run'}", "train.max_steps=2"]) == 0  # the failed start is replaced
+    assert main(["train", str(tmp_path), f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "cannot be read as a YAML recipe" in capsys.readouterr().err
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    assert main(["train", DEMO, f"output_dir={tmp_path / 'z'}", f"deepspeed={zero3}"]) == 2
+    assert "ZeRO stage 3 is not supported yet" in capsys.readouterr().err

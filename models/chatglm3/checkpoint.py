@@ -232,7 +232,9 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
     from safetensors.torch import save_file
 
     files = weight_files(Path(source))
-    destination.mkdir(parents=True, exist_ok=False)
+    if destination.exists():
+        raise CheckpointError(f"{destination}: already exists; give a new folder to write the converted checkpoint")
+    destination.mkdir(parents=True)
     weight_map = {}
     for i, file in enumerate(files, start=1):
         name = f"model-{i:05d}-of-{len(files):05d}.safetensors"

@@ -353,7 +353,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits = self.transformer.output_layer(hidden)
         loss = None
         if labels is not None:
-            loss = shifted_loss(logits, labels, num_items_in_batch).to(hidden.dtype)
+            loss = shifted_loss(logits, labels, num_items_in_batch)
+            if num_items_in_batch is None:  # the official mean loss comes back in the activations' dtype
+                loss = loss.to(hidden.dtype)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
         return out if return_dict else out.to_tuple()
