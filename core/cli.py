@@ -169,14 +169,12 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
             checkpoints.remove_unfinished(output_dir / "checkpoints")
         output_dir.mkdir(parents=True, exist_ok=True)
         trainer.write_recipe(recipe, output_dir)
-        if not folder_given:
-            model_dir = trainer.model_folder(recipe, output_dir)
+        model_dir = trainer.model_folder(recipe, output_dir)  # a builder writes its folder here, once
         record = trainer.run_record(recipe, backend, precision, model_dir)
         record["world_size"] = dist.world_size
         (output_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     dist.barrier()
-    if not folder_given:
-        model_dir = trainer.model_folder(recipe, output_dir)  # written by rank 0 above
+    model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
 
     if use_mindspore:
         from tuneport.backends.mindspore import MindSporeRuntime

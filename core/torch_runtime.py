@@ -247,12 +247,11 @@ class TorchRuntime:
                    folder / f"rng-rank{self.dist.rank}.pt")
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
-        if not self.dist.is_main:
+        if not self.dist.is_main or self.engine is not None:  # DeepSpeed's checkpoint holds weights and optimizer
             return
         save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
                   folder / "trainable.safetensors")
-        if self.engine is None:
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.scaler:
             torch.save(self.scaler.state_dict(), folder / "scaler.pt")
 
