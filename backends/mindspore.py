@@ -98,7 +98,7 @@ class MindSporeRuntime:
         from tuneport.models.chatglm3 import mindspore as msmodel
 
         self.ms, self.msmodel = ms, msmodel
-        self.recipe, self.device, self.dist = recipe, device, dist
+        self.recipe, self.device, self.precision, self.dist = recipe, device, precision, dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
         self.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[precision.compute]

@@ -83,3 +83,30 @@ def prune(root: Path, keep_last: int) -> None:
     """Keep only the newest `keep_last` complete checkpoints."""
     for _, folder in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """Why a write failed ("No space left on device", ...), or None when `e` is not a failed write.
+
+    Libraries report a failed write differently: an OSError; torch.save into a Python file object, a
+    RuntimeError whose context is the OSError; safetensors, a SafetensorError quoting the OS error code.
+    """
+    from safetensors import SafetensorError
+
+    seen: Optional[BaseException] = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        if isinstance(seen, SafetensorError):
+            code = re.search(r"code: (\d+)", str(seen))
+            return os.strerror(int(code.group(1))) if code else str(seen).splitlines()[0][:200]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write surfaces as an OSError (see write_failure)."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)

@@ -10,11 +10,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Optional
+
+from .rundir import FolderError
 
 DEMO_RECIPE = "builtin:demo.yaml"
 log = logging.getLogger("tuneport")
@@ -39,7 +41,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .trainer import RunError
 
     return (RecipeError, DataError, CheckpointError, RunError, PrecisionError, MethodUnavailable,
-            BackendUnavailable, FileNotFoundError)
+            BackendUnavailable, FolderError, FileNotFoundError)
 
 
 # --- train / demo ------------------------------------------------------------------------------------
@@ -67,9 +69,17 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
+# Keys a resumed run may change: how long it runs and how often it saves and evaluates, not what it learns.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "save.every", "save.keep_last", "eval.every",
+                     "eval.max_batches", "device")
+
+
 def read_recipe(args: argparse.Namespace, demo: bool):
-    """The recipe a train command asks for: (recipe, resume folder or None, whether it is the demo)."""
-    from .config import load_recipe
+    """The recipe a train command asks for: (recipe, resume folder or None, demo?, keys a resume changes).
+
+    `--resume DIR` takes the recipe from DIR; overrides may change only RESUME_MAY_CHANGE.
+    """
+    from .config import changed_keys, load_recipe
     from .trainer import RunError
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
@@ -79,12 +89,26 @@ def read_recipe(args: argparse.Namespace, demo: bool):
         overrides.append(f"device={args.device}")
     if getattr(args, "framework", None):
         overrides.append(f"framework={args.framework}")
-    if args.resume:
-        resume_dir = Path(args.resume)
-        if not (resume_dir / "recipe.yaml").exists():
-            raise RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
-        return load_recipe(resume_dir / "recipe.yaml", (*overrides, f"output_dir={resume_dir}")), resume_dir, demo
-    return load_recipe(recipe_arg or DEMO_RECIPE, tuple(overrides)), None, demo or recipe_arg is None
+    if not args.resume:
+        return load_recipe(recipe_arg or DEMO_RECIPE, tuple(overrides)), None, demo or recipe_arg is None, {}
+    resume_dir = Path(args.resume)
+    if recipe_arg:
+        raise RunError(f"--resume {resume_dir}: a resumed run keeps the recipe in its folder; drop {recipe_arg} "
+                       f"(to run longer: tuneport train --resume {resume_dir} train.max_steps=N)")
+    if any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
+        raise RunError(f"--resume {resume_dir}: the run folder is {resume_dir}; drop output_dir=...")
+    if not (resume_dir / "recipe.yaml").is_file():
+        raise RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
+    stored = load_recipe(resume_dir / "recipe.yaml", (f"output_dir={resume_dir}",))
+    recipe = load_recipe(resume_dir / "recipe.yaml", (*overrides, f"output_dir={resume_dir}"))
+    changed = changed_keys(stored, recipe)
+    refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        raise RunError(f"--resume {resume_dir}: " + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new)
+                                                               in refused.items())
+                       + " would change what the run learns; a resumed run may change only "
+                       + ", ".join(RESUME_MAY_CHANGE) + ". Start a new run (another output_dir) for the rest")
+    return recipe, resume_dir, demo, changed
 
 
 def device_for(recipe):
@@ -109,18 +133,121 @@ def device_for(recipe):
     return device, get_backend(device)
 
 
-def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
+    """What a run does with its output folder: "new", "afresh" (a run folder without progress, or an
+    earlier demo) or "resume". Reads only.
+
+    Raises:
+        FolderError: a folder that is not tuneport's, or a run with progress that was not resumed.
+    """
+    from . import checkpoints
+    from .config import RecipeError, load_recipe
+    from .rundir import check_usable, is_run_folder
+
+    if resume:
+        return "resume"
+    check_usable(output_dir)
+    if not is_run_folder(output_dir):
+        return "new"
+    progress = checkpoints.latest_checkpoint(output_dir / "checkpoints") or (output_dir / "adapter").exists()
+    try:
+        was_demo = load_recipe(output_dir / "recipe.yaml").model == "demo"
+    except RecipeError:
+        was_demo = False
+    if (demo and was_demo) or not progress:
+        return "afresh"  # an earlier demo, or a start that failed before its first checkpoint
+    raise FolderError(f"output_dir: {output_dir} already holds a run; continue it with --resume {output_dir}, "
+                      "or choose another output_dir=...")
+
+
+def plan_inputs(recipe, resume_dir: Optional[Path]):
+    """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing.
+
+    Returns:
+        (tokenizer, train data, eval data, checkpoint to resume from or None)
+    """
     from tuneport.models.chatglm3 import load_tokenizer
+    from tuneport.models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
 
     from . import checkpoints, trainer
-    from .config import load_recipe, resolve_path
+
+    if recipe.model in trainer.BUILDERS:
+        if not recipe.tokenizer:
+            raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
+        tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, None))
+    else:
+        model_dir = trainer.model_folder(recipe, Path(recipe.output_dir))
+        config, _, _ = check_checkpoint(model_dir)
+        tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
+    train_data, eval_data = trainer.load_data(recipe, tokenizer)
+    resume_from = None
+    if resume_dir is not None:
+        resume_from = checkpoints.latest_checkpoint(resume_dir / "checkpoints")
+        if resume_from is None:
+            log.warning("%s has no complete checkpoint; starting from step 0", resume_dir)
+        else:
+            problem = trainer.resume_layout_problem(checkpoints.read_state(resume_from), recipe,
+                                                    int(os.environ.get("WORLD_SIZE", "1")), resume_from)
+            if problem:
+                raise trainer.RunError(problem)
+    return tokenizer, train_data, eval_data, resume_from
+
+
+def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, changed: dict, record: Callable[[], dict]):
+    """Claim the output folder for this run (rank 0 only) and write its recipe and run record.
+
+    Returns:
+        The folder's lock, held until the run ends.
+    """
+    from . import checkpoints, rundir, trainer
+
+    try:
+        lock = rundir.claim(output_dir)
+    except OSError as e:
+        raise FolderError(f"output_dir: cannot write to {output_dir} ({checkpoints.write_failure(e)}); "
+                          "choose a writable output_dir=...") from None
+    try:
+        action = folder_action(output_dir, action == "resume", demo)  # again, now that no other run can change it
+        if action == "afresh":
+            log.warning("%s: starting afresh (removing only what tuneport wrote there)", output_dir)
+            rundir.clear(output_dir)
+        if action != "resume" or not rundir.is_run_folder(output_dir):
+            rundir.write_marker(output_dir)  # a run folder of an earlier tuneport is marked when resumed
+        run_json = output_dir / "run.json"
+        if action == "resume":
+            checkpoints.remove_unfinished(output_dir / "checkpoints")
+            history = json.loads(run_json.read_text()) if run_json.is_file() else record()
+            history.setdefault("resumes", []).append({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                "changed": {k: list(v) for k, v in changed.items()}})
+            if changed:
+                trainer.write_recipe(recipe, output_dir)
+        else:
+            trainer.write_recipe(recipe, output_dir)
+            history = record()
+        rundir.atomic_write_text(run_json, json.dumps(history, indent=2, default=str))
+    except BaseException as e:
+        lock.release()
+        if isinstance(e, OSError):
+            raise FolderError(f"output_dir: cannot write to {output_dir} ({checkpoints.write_failure(e)}); "
+                              "choose a writable output_dir=...") from None
+        raise
+    return lock
+
+
+def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+    from . import trainer
+    from .config import resolve_path
     from .distributed import Dist, init_distributed, launched, shutdown
     from .precision import resolve_precision
 
-    recipe, resume_dir, demo = read_recipe(args, demo)
+    recipe, resume_dir, demo, changed = read_recipe(args, demo)
     output_dir = Path(recipe.output_dir)
 
     # Everything that can be wrong with the inputs is checked before anything is written.
+    action = folder_action(output_dir, resume_dir is not None, demo)
     use_mindspore = recipe.framework == "mindspore"
     device, backend = device_for(recipe)
     precision = resolve_precision(recipe.precision, device, backend.capabilities)
@@ -133,58 +260,36 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     if recipe.deepspeed and not launched():
         raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
                                "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
-    folder_given = recipe.model not in trainer.BUILDERS
-    if folder_given:
-        model_dir = trainer.model_folder(recipe, output_dir)
-    elif not recipe.tokenizer:
-        raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
-    tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, model_dir if folder_given else None))
-    train_data, eval_data = trainer.load_data(recipe, tokenizer)
-
-    resume_from, replace_old = None, False
-    if resume_dir is not None:
-        resume_from = checkpoints.latest_checkpoint(output_dir / "checkpoints")
-        if resume_from is None:
-            log.warning("%s has no complete checkpoint; starting from step 0", output_dir)
-    elif (output_dir / "recipe.yaml").exists():
-        progress = checkpoints.latest_checkpoint(output_dir / "checkpoints") or (output_dir / "adapter").exists()
-        if demo and load_recipe(output_dir / "recipe.yaml").model == "demo":
-            replace_old = True  # a previous demo: start the demo afresh
-        elif not progress:
-            replace_old = True  # a start that failed before its first checkpoint holds nothing to keep
-            log.warning("%s holds a run with no checkpoint and no adapter; starting it afresh", output_dir)
-        else:
-            raise trainer.RunError(f"output_dir: {output_dir} already holds a run; continue it with "
-                                   f"--resume {output_dir}, or choose another output_dir=...")
+    tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir)
 
     backend.setup()
     dist = Dist() if use_mindspore else init_distributed(backend.capabilities.dist_backend, backend.device,
                                                      process_group_alone=bool(recipe.deepspeed))
     backend.set_device(dist.local_rank)
     dist.barrier()  # every process has checked the folder before the first one writes to it
-    if dist.is_main:
-        if replace_old:
-            shutil.rmtree(output_dir)
-        if resume_dir is not None:
-            checkpoints.remove_unfinished(output_dir / "checkpoints")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        trainer.write_recipe(recipe, output_dir)
-        model_dir = trainer.model_folder(recipe, output_dir)  # a builder writes its folder here, once
-        record = trainer.run_record(recipe, backend, precision, model_dir)
-        record["world_size"] = dist.world_size
-        (output_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
-    dist.barrier()
-    model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
+    lock = None
+    try:
+        if dist.is_main:
+            def record() -> dict:
+                found = trainer.run_record(recipe, backend, precision, trainer.model_folder(recipe, output_dir))
+                return {**found, "world_size": dist.world_size}
 
-    if use_mindspore:
-        from tuneport.backends.mindspore import MindSporeRuntime
+            lock = prepare_folder(output_dir, action, demo, recipe, changed, record)
+        dist.barrier()
+        model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
 
-        runtime = MindSporeRuntime(recipe, backend, precision, model_dir, dist)
-    else:
-        from .torch_runtime import TorchRuntime
+        if use_mindspore:
+            from tuneport.backends.mindspore import MindSporeRuntime
 
-        runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
-    records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
+            runtime = MindSporeRuntime(recipe, backend, precision, model_dir, dist)
+        else:
+            from .torch_runtime import TorchRuntime
+
+            runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
+        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
+    finally:
+        if lock:
+            lock.release()
     if dist.is_main:
         losses = [r["loss"] for r in records]
         print(f"trained {len(records)} steps ({recipe.framework}) on {device} x{dist.world_size}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -238,11 +343,16 @@ def run_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from tuneport.models.chatglm3 import load_tokenizer
+    from tuneport.models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
 
     from .torch_runtime import load_tuned_model
+    from .trainer import RunError
 
+    if args.max_new_tokens <= 0:
+        raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
+    check_vocabulary(tokenizer, check_checkpoint(args.model)[0], args.model, args.model)
     model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, device=device)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -341,8 +451,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
+    from .trainer import Diverged, Stopped
+
     try:
         return args.run(args)
+    except Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            run_dir = e.checkpoint.parent.parent
+            how = (f"the same launcher with: train --resume {run_dir}" if "LOCAL_RANK" in os.environ
+                   else f"tuneport train --resume {run_dir}")
+            print(f"{e}; continue with: {how}", file=sys.stderr)
+        return 128 + e.signum
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except expected_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

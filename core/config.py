@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -229,6 +230,11 @@ def _check_values(r: Recipe) -> list[str]:
     for name, value in [("train.warmup_steps", r.train.warmup_steps), ("train.weight_decay", r.train.weight_decay),
                         ("eval.every", r.eval.every), ("save.every", r.save.every)]:
         positive(name, value, allow_zero=True)
+    for name, value in _flat(dataclasses.asdict(r)).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{name}: {value!r} must be a finite number")
+    if not 0 <= r.train.seed < 2**32:
+        found.append(f"train.seed: {r.train.seed!r} must be in [0, 2**32 - 1]")
     if not 0 <= r.method.dropout < 1:
         found.append(f"method.dropout: {r.method.dropout!r} must be in [0, 1)")
     if r.method.name in ("lora", "qlora") and not r.method.target_modules:
@@ -272,10 +278,29 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ())
     recipe = _build(Recipe, values, "", problems)
     problems += _check_values(recipe)
     if problems:
-        raise RecipeError(f"{name}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        if len(problems) == 1:
+            raise RecipeError(f"{name}: {problems[0]}")
+        raise RecipeError(f"{name}: {len(problems)} problems:\n  " + "\n  ".join(problems))
     return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two recipes, as {key: (old, new)}."""
+    a, b = _flat(recipe_to_dict(old)), _flat(recipe_to_dict(new))
+    return {key: (a.get(key), b.get(key)) for key in {**a, **b} if a.get(key) != b.get(key)}
 

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneport.backends import Backend
-from tuneport.models.chatglm3 import load_model
+from tuneport.models.chatglm3 import CheckpointError, load_model
 
+from .checkpoints import torch_save
 from .config import Recipe, resolve_path
 from .distributed import Dist
 from .precision import PrecisionPlan
@@ -55,6 +56,10 @@ def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, 
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type=quant_type,
                                       compress_statistics=double_quant)
+            if child.in_features % 64:
+                # bitsandbytes' CPU inference repacking (taken where the CPU has AVX512-BF16) assumes rows of
+                # whole 64-wide quantization blocks; narrower layers (tiny test models) keep the plain path.
+                layer.support_avx512bf16_for_cpu = False
             layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
                                              quant_type=quant_type, compress_statistics=double_quant)
             if child.bias is not None:
@@ -83,6 +88,7 @@ class TorchRuntime:
                  dist: Dist = Dist()):
         self.recipe = recipe
         self.backend = backend
+        self.precision = precision
         self.dist = dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
@@ -116,6 +122,10 @@ class TorchRuntime:
         """Hand the model and optimizer to DeepSpeed (ZeRO stage and the rest from the recipe's config)."""
         import deepspeed
 
+        if self.device.type == "cpu":
+            # On the CPU, DeepSpeed would first compile a shared-memory all-reduce extension into the user's
+            # cache (minutes); torch's gloo, already running, does that job without a compiler.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         t = self.recipe.train
         config = json.loads(resolve_path(self.recipe.deepspeed).read_text())
         config.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -243,7 +253,7 @@ class TorchRuntime:
     def save_state(self, folder: Path) -> None:
         """Write everything needed to continue bit for bit: trained weights, optimizer, scaler, and
         every process's random generators. Called on every process; shared files come from rank 0."""
-        torch.save({"torch_rng": torch.get_rng_state(), "device_rng": self.backend.rng_state()},
+        torch_save({"torch_rng": torch.get_rng_state(), "device_rng": self.backend.rng_state()},
                    folder / f"rng-rank{self.dist.rank}.pt")
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
@@ -251,9 +261,9 @@ class TorchRuntime:
             return
         save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
                   folder / "trainable.safetensors")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.scaler:
-            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+            torch_save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def load_state(self, folder: Path) -> None:
         rng = torch.load(folder / f"rng-rank{self.dist.rank}.pt", weights_only=True)
@@ -313,17 +323,42 @@ class TorchRuntime:
 
 
 def load_tuned_model(base: Path, adapter: Optional[Path], device: str = "cpu", dtype=None) -> nn.Module:
-    """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat)."""
+    """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat).
+
+    Raises:
+        CheckpointError: the adapter folder is missing, is not a tuned result, or was tuned from
+            another base model (its shapes do not fit).
+    """
     if adapter is None:
         return load_model(base, device=device, dtype=dtype)
     adapter = Path(adapter)
-    if (adapter / PREFIX_CONFIG).exists():
-        config = json.loads((adapter / PREFIX_CONFIG).read_text())
-        model = load_model(base, device=device, dtype=dtype, **config)
-        model.load_state_dict(load_file(adapter / PREFIX_WEIGHTS), strict=False)
-        return model
-    if (adapter / "adapter_config.json").exists():
-        from peft import PeftModel
+    if not adapter.is_dir():
+        raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
+    try:
+        if (adapter / PREFIX_CONFIG).exists():
+            config = json.loads((adapter / PREFIX_CONFIG).read_text())
+            model = load_model(base, device=device, dtype=dtype, **config)
+            weights = load_file(adapter / PREFIX_WEIGHTS)
+            prefix = {n for n in model.state_dict() if n.startswith("transformer.prefix_encoder.")}
+            if set(weights) != prefix:
+                raise CheckpointError(f"{adapter / PREFIX_WEIGHTS}: holds {sorted(weights)[:3]} but the model's prefix "
+                                      f"encoder is {sorted(prefix)}; it is not a P-tuning v2 result of tuneport")
+            model.load_state_dict(weights, strict=False)
+            return model
+        if (adapter / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base, device=device, dtype=dtype), str(adapter)).eval()
+            return PeftModel.from_pretrained(load_model(base, device=device, dtype=dtype), str(adapter)).eval()
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target modules not in this model
+        trained_on = ""
+        if (adapter / "adapter_config.json").exists():
+            trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        raise CheckpointError(
+            f"--adapter {adapter}: does not fit the base model {base} ({str(e).splitlines()[-1].strip()[:200]}); "
+            f"pass the base it was tuned from{': ' + trained_on if trained_on else ''}") from None
+    if not (adapter / "config.json").exists():
+        raise CheckpointError(f"--adapter {adapter}: not a tuned result; expected adapter_config.json (LoRA, QLoRA), "
+                              f"{PREFIX_CONFIG} (P-tuning v2) or config.json (full fine-tune)")
     return load_model(adapter, device=device, dtype=dtype)  # a full fine-tune is a checkpoint folder

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -25,12 +28,51 @@ import yaml
 from . import checkpoints
 from .config import BUILDERS, Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
+from .rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class Diverged(RunError):
+    """The loss or gradient norm stopped being finite; the run stopped without saving (exit status 3)."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was saved (exit status 128 + signal)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current optimizer step (it then
+    saves a checkpoint); a second signal ends the process at once. Inactive off the main thread."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            os.write(2, f"\n{signal.Signals(signum).name} again: stopping now, without saving\n".encode())
+            os._exit(128 + signum)  # every file tuneport writes is atomic or appended: nothing is left broken
+        self.signum = signum
+        log.warning("%s: finishing this optimizer step and saving a checkpoint (again to quit at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # --- schedule ----------------------------------------------------------------------------------------
@@ -105,28 +147,44 @@ def tokenizer_path(recipe: Recipe, model_dir: Path) -> Path:
 
 # --- records -----------------------------------------------------------------------------------------
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars."""
+    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars, both on disk at every step.
+
+    The events are written synchronously through tensorboardX's event-file writer: its SummaryWriter
+    hands them to a thread that flushes every two minutes, so a killed process would lose them.
+    """
 
     def __init__(self, output_dir: Path, resume_step: Optional[int]):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop what the killed run logged past its checkpoint
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
+        (output_dir / "tensorboard").mkdir(exist_ok=True)
+        self.events = EventsWriter(str(output_dir / "tensorboard" / "events"), f".{os.getpid()}")
+        if resume_step is not None:  # TensorBoard hides the killed run's events after the checkpoint
+            self.events.write_event(Event(step=resume_step + 1, wall_time=time.time(),
+                                          session_log=SessionLog(status=SessionLog.START)))
+            self.events.flush()
 
     def write(self, record: dict) -> None:
+        """Append one record (non-finite numbers become null: the file stays strict JSON) and its scalars."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
+                self.events.write_event(Event(step=record["step"], wall_time=time.time(), summary=scalar(key, value)))
+        self.events.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        self.events.close()
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if _step(line) != math.inf] \
@@ -225,23 +283,67 @@ def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
     return total / max(1, tokens)
 
 
-def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: int) -> None:
-    """Every process writes its part into a temporary folder, then rank 0 publishes it by a rename."""
+def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: int) -> Path:
+    """Every process writes its part into a temporary folder, then rank 0 publishes it by a rename.
+
+    Raises:
+        RunError: the checkpoint cannot be written (disk full, no permission); the unfinished folder is
+            removed and the older checkpoints stay as they were.
+    """
     dist = runtime.dist
     final = root / f"step-{step}"
     tmp = checkpoints.temporary_dir(final)
-    if dist.is_main:
-        checkpoints.reset_dir(tmp)
+    try:
+        if dist.is_main:
+            checkpoints.reset_dir(tmp)
+        dist.barrier()
+        runtime.save_state(tmp)
+        dist.barrier()
+        if dist.is_main:
+            checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
+                                          "micro_batch_size": runtime.recipe.train.micro_batch_size,
+                                          "grad_accum": runtime.recipe.train.grad_accum})
+            checkpoints.publish(tmp, final)
+            checkpoints.prune(root, keep_last)
+    except Exception as e:
+        reason = checkpoints.write_failure(e)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = checkpoints.latest_checkpoint(root)
+        raise RunError(f"{tmp}: checkpoint of step {step} could not be written ({reason}); free "
+                       f"disk space or lower save.keep_last, then continue with --resume {root.parent} "
+                       f"(newest complete checkpoint: {newest or 'none'})") from None
     dist.barrier()
-    runtime.save_state(tmp)
-    dist.barrier()
-    if dist.is_main:
-        checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
-                                      "micro_batch_size": runtime.recipe.train.micro_batch_size,
-                                      "grad_accum": runtime.recipe.train.grad_accum})
-        checkpoints.publish(tmp, final)
-        checkpoints.prune(root, keep_last)
-    dist.barrier()
+    return final
+
+
+def resume_layout_problem(state: dict, recipe: Recipe, world_size: int, checkpoint: Path) -> Optional[str]:
+    """Why checkpoint `state` cannot continue exactly with this many processes and batch settings (or None)."""
+    t = recipe.train
+    layout = {"world_size": world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
+    changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
+    if not changed:
+        return None
+    return (f"--resume: {checkpoint} was written with " + ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
+            + " but this run has " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
+            + "; resume with the same processes and batch settings for an exact continuation")
+
+
+def check_finite(step: int, loss: float, grad_norm: float, runtime, recipe: Recipe, root: Path) -> None:
+    """Stop a diverged run before it writes anything more (dynamic loss scaling skips overflowed steps
+    itself, so there only the loss must be finite).
+
+    Raises:
+        Diverged: naming the step, the values, the likely fixes and the last good checkpoint.
+    """
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or runtime.precision.loss_scaling):
+        return
+    newest = checkpoints.latest_checkpoint(root)
+    kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before it"
+    raise Diverged(f"step {step}: loss {loss} and gradient norm {grad_norm} are not both finite: training "
+                   f"diverged. Lower train.lr (now {recipe.train.lr:g}), train with precision=fp32, or check the "
+                   f"data for broken samples; {kept}")
 
 
 def train(
@@ -257,7 +359,9 @@ def train(
 ) -> list[dict]:
     """Run the optimizer steps of `recipe`, from the start or from checkpoint `resume_from`.
 
-    Every process runs this; only rank 0 logs and writes.
+    Every process runs this; only rank 0 logs and writes. SIGINT or SIGTERM ends the run after the
+    current optimizer step with a checkpoint (`Stopped`); a non-finite loss or gradient norm ends it
+    without one (`Diverged`).
 
     Returns:
         The metric records of the whole run (including those before a resume); empty off rank 0.
@@ -269,13 +373,9 @@ def train(
     pos, step = Position(), 0
     if resume_from is not None:
         state = checkpoints.read_state(resume_from)
-        layout = {"world_size": dist.world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
-        changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
-        if changed:
-            raise RunError(f"--resume: {resume_from} was written with "
-                           + ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
-                           + " but this run has " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
-                           + "; resume with the same processes and batch settings for an exact continuation")
+        problem = resume_layout_problem(state, recipe, dist.world_size, resume_from)
+        if problem:
+            raise RunError(problem)
         runtime.load_state(resume_from)
         step, pos = state["step"], Position(**state["position"])
         log.info("resumed from %s (step %d)", resume_from, step)
@@ -287,38 +387,57 @@ def train(
 
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
     try:
-        while step < steps:
-            started = time.perf_counter()
-            batches = [next(stream) for _ in range(t.grad_accum)]
-            num_items, tokens = dist.all_sum([sum(label_tokens(b) for b in batches),
-                                              sum(int(b["attention_mask"].sum()) for b in batches)])
-            lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
-            loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
-                       for i, b in enumerate(batches))
-            grad_norm = runtime.optimizer_step(lr, t.grad_clip)
-            (loss,) = dist.all_sum([loss])
-            step += 1
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
-                      "peak_memory": backend.memory_stats().peak}
-            if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
-                record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
-            if metrics:
-                metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if on_step:
-                on_step(record)
-            if recipe.save.every and (step % recipe.save.every == 0 or step == steps):
-                save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
+        with StopOnSignal() as stop:
+            while step < steps:
+                started = time.perf_counter()
+                batches = [next(stream) for _ in range(t.grad_accum)]
+                num_items, tokens = dist.all_sum([sum(label_tokens(b) for b in batches),
+                                                  sum(int(b["attention_mask"].sum()) for b in batches)])
+                lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
+                loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
+                           for i, b in enumerate(batches))
+                grad_norm = runtime.optimizer_step(lr, t.grad_clip)
+                # One exchange per step: the summed loss, and whether any process was asked to stop.
+                loss, stopping = dist.all_sum([loss, float(stop.signum is not None)])
+                step += 1
+                check_finite(step, loss, grad_norm, runtime, recipe, ckpt_root)
+                elapsed = time.perf_counter() - started
+                record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+                          "peak_memory": backend.memory_stats().peak}
+                if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
+                    record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
+                if metrics:
+                    metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if on_step:
+                    on_step(record)
+                saved = None
+                if recipe.save.every and (step % recipe.save.every == 0 or step == steps):
+                    saved = save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
+                if dist.world_size == 1:  # alone, a signal during this step's logging counts too
+                    stopping = stopping or stop.signum is not None
+                if stopping and step < steps:
+                    saved = saved or save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
+                    raise Stopped(stop.signum or signal.SIGTERM, step, saved)
     finally:
         bar.close()
         if metrics:
             metrics.close()
     if not dist.is_main:
         return []
-    runtime.save_adapter(output_dir / "adapter.tmp")
+    try:
+        shutil.rmtree(output_dir / "adapter.tmp", ignore_errors=True)
+        runtime.save_adapter(output_dir / "adapter.tmp")
+    except Exception as e:
+        reason = checkpoints.write_failure(e)
+        if reason is None:
+            raise
+        shutil.rmtree(output_dir / "adapter.tmp", ignore_errors=True)
+        raise RunError(f"{output_dir / 'adapter'}: the tuned adapter could not be written ({reason});"
+                       f" free disk space, then continue with --resume {output_dir} "
+                       f"(newest complete checkpoint: {checkpoints.latest_checkpoint(ckpt_root) or 'none'})") from None
     shutil.rmtree(output_dir / "adapter", ignore_errors=True)
     (output_dir / "adapter.tmp").rename(output_dir / "adapter")
     records = metrics.records()
@@ -327,5 +446,5 @@ def train(
 
 
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:
-    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False,
-                                                           allow_unicode=True))
+    atomic_write_text(output_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False,
+                                                                 allow_unicode=True))

@@ -5,6 +5,7 @@ pickle), tokenizer.model. Only files are read; no code from the folder runs and 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import zipfile
@@ -70,13 +71,26 @@ def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of `folder`, via the index when the checkpoint is sharded."""
+    """The weight files of `folder`, via the index when the checkpoint is sharded.
+
+    Raises:
+        CheckpointError: no weights, an index without a weight map, shards that are missing, or an
+            index entry that points outside the folder (checked before any shard is opened).
+    """
     for index_name, single_name in WEIGHT_LAYOUTS:
         index = folder / index_name
         if index.exists():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
+            # Judged by the name alone: a shard that is a symlink (as in the Hugging Face cache) is the
+            # user's choice, but the index must not lead us out of the folder.
+            outside = [name for name in dict.fromkeys(weight_map.values()) if not isinstance(name, str)
+                       or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "")]
+            if outside:
+                raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
+                                      f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in "
+                                      f"{folder}")
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -88,6 +102,34 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found; expected one of {expected}")
 
 
+def _unreadable(file: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, download it again")
+
+
+def _load_pickle(file: Path) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)  # legacy, non-zip format
+
+
+READ_ERRORS = (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError)
+
+
+def shard_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one weight file's tensors, read from its header (pickle: memory-mapped)."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        return {name: tuple(t.shape) for name, t in _load_pickle(file).items()}
+    except READ_ERRORS as e:
+        raise _unreadable(file, e) from None
+
+
 def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from one weight file; pickle files are read with weights_only=True."""
     try:
@@ -96,17 +138,9 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
             return
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy, non-zip format
-        yield from state.items()
-    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
-        raise CheckpointError(
-            f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, download it again"
-        ) from None
+        yield from _load_pickle(file).items()
+    except READ_ERRORS as e:
+        raise _unreadable(file, e) from None
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -131,6 +165,55 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], config: ChatGLM3Config) 
     return DTYPES[dtype]
 
 
+def check_checkpoint(path: Union[str, Path], **config_overrides) -> tuple[ChatGLM3Config, list[Path], list[str]]:
+    """Validate a checkpoint folder from its config and the weight files' headers, reading no weights.
+
+    Args:
+        path: the checkpoint folder.
+        **config_overrides: config keys to change, e.g. pre_seq_len=128.
+
+    Returns:
+        (config, weight files, names of optional tensors the files lack: recomputed or freshly initialised).
+
+    Raises:
+        CheckpointError: not a folder, bad config, no weights, missing or unexpected keys, wrong shapes,
+            or a damaged file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass the checkpoint folder that holds config.json")
+    config = load_config(folder, **config_overrides)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in ChatGLMForConditionalGeneration(config).state_dict().items()}
+    found, unexpected, wrong_shape = set(), [], []
+    for file in files:
+        for name, shape in shard_shapes(file).items():
+            if name not in expected:
+                unexpected.append(name)
+            elif shape != expected[name]:
+                wrong_shape.append(f"{name} (expected {list(expected[name])}, found {list(shape)} in {file.name})")
+            else:
+                found.add(name)
+    missing = [name for name in expected if name not in found]
+    fresh_prefix = config.pre_seq_len and not any(name.startswith(PREFIX_ENCODER) for name in found)
+    optional = [n for n in missing if n in DERIVED_KEYS or (fresh_prefix and n.startswith(PREFIX_ENCODER))]
+    missing = [n for n in missing if n not in optional]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({'; '.join(problems)}); "
+            "check that config.json belongs to these weights and that config overrides are right"
+        )
+    return config, files, optional
+
+
 def load_model(
     path: Union[str, Path],
     device: str = "cpu",
@@ -139,9 +222,9 @@ def load_model(
 ) -> ChatGLMForConditionalGeneration:
     """Load an official ChatGLM3 checkpoint folder onto a device.
 
-    Weights are read shard by shard and tensor by tensor straight onto the device, so at most one
-    shard is held besides the model. P-tuning v2 (`pre_seq_len=N`) on a checkpoint without a prefix
-    encoder starts that encoder fresh.
+    The folder is validated first (`check_checkpoint`); then weights are read shard by shard and
+    tensor by tensor straight onto the device, so at most one shard is held besides the model.
+    P-tuning v2 (`pre_seq_len=N`) on a checkpoint without a prefix encoder starts that encoder fresh.
 
     Args:
         path: folder with config.json and model(-0000N-of-0000M).safetensors or
@@ -157,47 +240,17 @@ def load_model(
     Raises:
         CheckpointError: no weights, missing or unexpected keys, wrong shapes, or a damaged file.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder; pass the checkpoint folder that holds config.json")
-    config = load_config(folder, **config_overrides)
-    files = weight_files(folder)
+    config, files, optional = check_checkpoint(path, **config_overrides)
     backend = get_backend(device)
     target = backend.device(int(device.split(":", 1)[1]) if ":" in device else 0)
     dtype = resolve_dtype(dtype, config)
-
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    loaded, unexpected, wrong_shape = set(), [], []
     for file in files:
         for name, tensor in read_shard(file):
-            if name not in expected:
-                unexpected.append(name)
-            elif tuple(tensor.shape) != expected[name]:
-                wrong_shape.append(f"{name} (expected {list(expected[name])}, found {list(tensor.shape)} in {file.name})")
-            else:
-                cast = dtype if tensor.is_floating_point() else tensor.dtype
-                _set_tensor(model, name, tensor.to(device=target, dtype=cast))
-                loaded.add(name)
-
-    missing = [name for name in expected if name not in loaded]
-    fresh_prefix = config.pre_seq_len and not any(name.startswith(PREFIX_ENCODER) for name in loaded)
-    optional = [n for n in missing if n in DERIVED_KEYS or (fresh_prefix and n.startswith(PREFIX_ENCODER))]
-    missing = [n for n in missing if n not in optional]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
-    if problems:
-        raise CheckpointError(
-            f"{folder}: the weights do not match config.json ({'; '.join(problems)}); "
-            "check that config.json belongs to these weights and that config overrides are right"
-        )
-    if fresh_prefix:
+            cast = dtype if tensor.is_floating_point() else tensor.dtype
+            _set_tensor(model, name, tensor.to(device=target, dtype=cast))
+    if any(name.startswith(PREFIX_ENCODER) for name in optional):
         model.transformer.prefix_encoder = PrefixEncoder(config).to(device=target, dtype=dtype)
     if "transformer.rotary_pos_emb.inv_freq" in optional:
         rope = model.transformer.rotary_pos_emb
@@ -205,6 +258,19 @@ def load_model(
         rope.inv_freq = inv_freq.to(device=target, dtype=dtype)
     model.set_kernels(backend.kernels)
     return model.eval()
+
+
+def check_vocabulary(tokenizer: ChatGLM3Tokenizer, config: ChatGLM3Config, tokenizer_path, model_path) -> None:
+    """A tokenizer must not produce ids past the model's embedding rows.
+
+    Raises:
+        CheckpointError: naming both files and the sizes.
+    """
+    if len(tokenizer) > config.padded_vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: the tokenizer has {len(tokenizer)} tokens but the model in {model_path} has "
+            f"{config.padded_vocab_size} embedding rows (config.json padded_vocab_size); use the tokenizer.model "
+            "that came with the model")
 
 
 def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
@@ -228,21 +294,33 @@ def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
 
 
 def convert_to_safetensors(source: Path, destination: Path) -> None:
-    """Copy a checkpoint folder, its weights rewritten shard for shard as safetensors (with an index)."""
+    """Copy a checkpoint folder, its weights rewritten shard for shard as safetensors (with an index).
+
+    The copy is written into a temporary folder beside `destination` and renamed at the end, so a
+    failed conversion leaves no `destination` behind.
+    """
     from safetensors.torch import save_file
 
     files = weight_files(Path(source))
     if destination.exists():
         raise CheckpointError(f"{destination}: already exists; give a new folder to write the converted checkpoint")
-    destination.mkdir(parents=True)
-    weight_map = {}
-    for i, file in enumerate(files, start=1):
-        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
-        shard = {key: tensor.contiguous() for key, tensor in read_shard(file)}
-        save_file(shard, destination / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (destination / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for extra in Path(source).iterdir():
-        if extra.suffix in (".json", ".model", ".txt") and "index" not in extra.name and extra.is_file():
-            shutil.copy(extra, destination / extra.name)
+    tmp = destination.parent / f".{destination.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        weight_map = {}
+        for i, file in enumerate(files, start=1):
+            name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            shard = {key: tensor.contiguous() for key, tensor in read_shard(file)}
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for extra in Path(source).iterdir():
+            if extra.suffix in (".json", ".model", ".txt") and "index" not in extra.name and extra.is_file():
+                shutil.copy(extra, tmp / extra.name)
+        os.rename(tmp, destination)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise CheckpointError(f"{destination}: cannot be written ({e}); nothing was left there") from None
+        raise

@@ -1,0 +1,124 @@
+"""Run folders: tuneport deletes and overwrites only what it wrote itself.
+
+A run folder (`output_dir`) carries a marker, `.tuneport-run.json`, that tuneport writes before
+anything else: the run id and the names of the entries a run writes there. Starting a run afresh
+removes those entries and nothing else, so a user's own file in a run folder survives; a folder that
+holds anything but has no marker is refused. While a run is active, its first process holds an OS
+lock on `.tuneport.lock` (released by the OS when the process dies, however it dies), so a second run
+into the same folder is refused with the holder's PID.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+MARKER = ".tuneport-run.json"
+LOCK = ".tuneport.lock"
+# Every entry a run writes at the top of its folder; the marker records this list when it is made.
+OWNED = (MARKER, LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "tensorboard", "loss.png", "checkpoints",
+         "adapter", "adapter.tmp", "base_model", ".base_model.tmp")
+
+
+class FolderError(RuntimeError):
+    """An output folder tuneport may not use or cannot write; the message says what to do instead."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` in one step: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    """The marker of a tuneport run folder, or None when the folder has none."""
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError):
+        return {"owned": list(OWNED)}  # damaged, but tuneport wrote it: the entries are ours
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def check_usable(folder: Path) -> None:
+    """Refuse, writing nothing, a folder that exists and holds something without being a run folder.
+
+    Raises:
+        FolderError: it is a file, or holds files and no tuneport marker.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise FolderError(f"output_dir: {folder} is a file; give a folder for the run")
+    if folder.is_dir() and not is_run_folder(folder) and any(p.name != LOCK for p in folder.iterdir()):
+        raise FolderError(f"output_dir: {folder} is not empty and is not a tuneport run folder (no {MARKER}); "
+                          "tuneport never writes among your files: choose a new output_dir=...")
+
+
+class RunLock:
+    """An exclusive OS lock on a run folder, held until `release()` or until the process ends.
+
+    Raises:
+        FolderError: another live process holds it (its PID is named).
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise FolderError(f"output_dir: {folder} is in use by another tuneport run (PID {holder}); wait for it "
+                              "to finish, or choose another output_dir=...") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def claim(folder: Path) -> RunLock:
+    """Create the folder if needed and lock it (after `check_usable` said it may be used)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return RunLock(folder)
+
+
+def write_marker(folder: Path) -> str:
+    """Mark `folder` as a tuneport run folder; returns the new run id."""
+    run_id = uuid.uuid4().hex
+    atomic_write_text(folder / MARKER, json.dumps(
+        {"tool": "tuneport", "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "owned": list(OWNED)}, indent=2))
+    return run_id
+
+
+def clear(folder: Path) -> None:
+    """Remove what the marker lists as tuneport's (except the marker and the lock), nothing else."""
+    marker = read_marker(folder) or {"owned": []}
+    for name in marker.get("owned", []):
+        if name in (MARKER, LOCK) or "/" in name or name in ("", ".", ".."):
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -1,0 +1,369 @@
+"""tuneport never loses a user's files or work: it deletes only what it wrote, locks its run folder,
+keeps a resume from changing what a run learns, saves on SIGINT/SIGTERM, stops a diverged run, and
+turns bad input into one `error:` line (exit 2) that writes nothing.
+
+Each test reproduces a failure found by trying tuneport as a user would (issue 8) and asserts the new
+behaviour. Read-only and full file systems are real ones: a private mount namespace (`unshare`) holds a
+read-only bind mount or a small tmpfs; those tests skip, saying why, where namespaces are not allowed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneport.core.builders import build_model_folder
+from tuneport.core.cli import main
+from tuneport.core.config import load_recipe, resolve_path
+
+DEMO = "builtin:demo.yaml"
+QUICK = ("train.max_steps=4", "train.warmup_steps=0")
+
+# Runs the CLI with a hook after optimizer step AT: "wait" (write READY, wait for READY.go), or signals
+# to send itself ("SIGINT", "SIGINT,SIGINT", "SIGTERM", "SIGKILL"). Usage: HOOK ACTION AT READY ARGS...
+HOOK = """
+import os, signal, sys, time
+from pathlib import Path
+from tuneport.core import cli, trainer
+action, at, ready = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+def hook(record):
+    if record["step"] != at:
+        return
+    if action == "wait":
+        ready.write_text(str(os.getpid()))
+        while not ready.with_suffix(".go").exists():
+            time.sleep(0.05)
+    else:
+        for name in action.split(","):
+            os.kill(os.getpid(), getattr(signal, name))
+original = trainer.train
+def train(*args, **kwargs):
+    kwargs["on_step"] = hook
+    return original(*args, **kwargs)
+trainer.train = train
+sys.exit(cli.main(sys.argv[4:]))
+"""
+
+
+def hooked(action: str, at: int, *args: str, ready: Path = Path("-"), wait: bool = True):
+    command = [sys.executable, "-c", HOOK, action, str(at), str(ready), *args]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` (relative path -> sha256), to show that nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line a failed command printed (asserting there is exactly one, and no traceback)."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def user_project(root: Path) -> Path:
+    """A user's project folder: data, notes and source code."""
+    root.mkdir()
+    shutil.copy(resolve_path("builtin:demo/data.jsonl"), root / "data.jsonl")
+    (root / "notes.md").write_text("my notes\n")
+    (root / "src").mkdir()
+    (root / "src" / "prepare.py").write_text("print('mine')\n")
+    return root
+
+
+def adapter(out: Path) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+# --- 1. tuneport deletes only what it wrote ---------------------------------------------------------------
+def test_a_project_folder_as_output_dir_is_refused_untouched(tmp_path, capsys, monkeypatch):
+    project = user_project(tmp_path / "project")
+    before = snapshot(project)
+    monkeypatch.chdir(project)
+    assert main(["train", DEMO, "output_dir=.", "data.train=data.jsonl", *QUICK]) == 2
+    assert "not a tuneport run folder" in error_line(capsys.readouterr().err)
+    assert snapshot(project) == before and sorted(p.name for p in project.iterdir()) == ["data.jsonl", "notes.md",
+                                                                                         "src"]
+
+
+def test_a_failed_run_then_a_rerun_keep_the_users_data_file(tmp_path, capsys):
+    """The user's data file lives in the output folder: the bad run and the rerun both leave it alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(resolve_path("builtin:demo/data.jsonl"), out / "data.jsonl")
+    before = snapshot(out)
+    common = (f"output_dir={out}", f"data.train={out / 'data.jsonl'}", *QUICK)
+    assert main(["train", DEMO, *common, "method.target_modules=[no_such_layer]"]) == 2
+    error_line(capsys.readouterr().err)
+    assert main(["train", DEMO, *common]) == 2
+    assert "choose a new output_dir" in error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+def test_starting_afresh_removes_only_what_tuneport_wrote(tmp_path, capsys):
+    """A run that failed after claiming its folder is started afresh; a file the user put there survives,
+    and so does the user's file in an earlier demo's folder when the demo runs again."""
+    out = tmp_path / "run"
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK, "method.target_modules=[no_such_layer]"]) == 2
+    assert "no_such_layer" in error_line(capsys.readouterr().err)
+    assert (out / ".tuneport-run.json").is_file()
+    (out / "my_notes.txt").write_text("keep me\n")
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK]) == 0
+    assert (out / "my_notes.txt").read_text() == "keep me\n" and (out / "adapter").is_dir()
+    assert main(["demo", f"output_dir={out}", *QUICK]) == 0  # the demo starts its old folder afresh
+    assert (out / "my_notes.txt").read_text() == "keep me\n"
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_a_run_with_progress_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK]) == 0
+    before = snapshot(out)
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK]) == 2
+    assert f"--resume {out}" in error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+# --- 2. one run per folder ------------------------------------------------------------------------------
+def test_a_second_run_into_a_running_folder_is_refused_and_the_first_completes(tmp_path, capsys):
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    first = hooked("wait", 2, "train", DEMO, f"output_dir={out}", "train.max_steps=6", "save.every=3",
+                   ready=ready, wait=False)
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    assert ready.exists(), first.communicate()[1][-3000:]
+    pid = ready.read_text()
+    before = snapshot(out)
+    assert main(["train", DEMO, f"output_dir={out}", "train.max_steps=6"]) == 2  # no progress yet: was wiped before
+    assert f"PID {pid}" in error_line(capsys.readouterr().err)
+    assert main(["train", "--resume", str(out)]) == 2
+    assert f"PID {pid}" in error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+    ready.with_suffix(".go").touch()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2, 3, 4, 5, 6] and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- 3. resume is a contract ------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,named", [
+    (["method.r=4"], "method.r (16 -> 4)"),
+    (["method.name=full"], "method.name"),
+    (["train.lr=1e-4"], "train.lr"),
+    (["data.train=builtin:demo/data.jsonl", "data.format=auto"], "data.format"),
+    (["train.micro_batch_size=2"], "train.micro_batch_size"),
+    (["--framework", "mindspore"], "framework"),
+    (["output_dir=elsewhere"], "drop output_dir"),
+    (["builtin:demo.yaml"], "drop builtin:demo.yaml"),
+])
+def test_a_refused_resume_writes_nothing_and_the_run_stays_resumable(tmp_path, capsys, args, named):
+    out = tmp_path / "run"
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK, "save.every=2"]) == 0
+    before = snapshot(out)
+    recipe = [a for a in args if a.endswith(".yaml")]
+    assert main(["train", *recipe, "--resume", str(out), *[a for a in args if a not in recipe]]) == 2
+    assert named in error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+    assert main(["train", "--resume", str(out), "train.max_steps=5"]) == 0  # a longer run is allowed, and recorded
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumes"][-1]["changed"] == {"train.max_steps": [4, 5]}
+    assert load_recipe(out / "recipe.yaml").train.max_steps == 5
+
+
+# --- 4. SIGINT and SIGTERM save; a second signal quits at once -------------------------------------------
+@pytest.mark.parametrize("name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_saves_a_checkpoint_and_the_resume_is_bitwise_exact(tmp_path, name, status):
+    common = ("train.max_steps=6", "save.every=100", "method.dropout=0.1")  # dropout: the RNG resumes too
+    assert main(["train", DEMO, f"output_dir={tmp_path / 'straight'}", *common]) == 0
+    out = tmp_path / "stopped"
+    result = hooked(name, 3, "train", DEMO, f"output_dir={out}", *common)
+    assert result.returncode == status, result.stderr[-3000:]
+    assert f"continue with: tuneport train --resume {out}" in result.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"] and not (out / "adapter").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    straight, resumed = adapter(tmp_path / "straight"), adapter(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+              for d in (tmp_path / "straight", out)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_a_second_sigint_quits_at_once_without_saving(tmp_path):
+    out = tmp_path / "run"
+    result = hooked("SIGINT,SIGINT", 3, "train", DEMO, f"output_dir={out}", "train.max_steps=6", "save.every=100")
+    assert result.returncode == 130 and "again: stopping now" in result.stderr
+    assert not list(out.glob("checkpoints/step-*")) and (out / "metrics.jsonl").is_file()
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """Steps of the scalar `tag` in a TensorBoard event folder (TFRecord framing, tensorboardX's protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for file in folder.glob("events.out.tfevents.*"):
+        data, at = file.read_bytes(), 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12: at + 12 + length])
+            at += 12 + length + 4
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+def test_sigkill_loses_at_most_the_current_steps_tensorboard_events(tmp_path):
+    out = tmp_path / "run"
+    result = hooked("SIGKILL", 5, "train", DEMO, f"output_dir={out}", "train.max_steps=20", "save.every=100")
+    assert result.returncode == -signal.SIGKILL
+    assert tensorboard_steps(out / "tensorboard", "loss") == [1, 2, 3, 4, 5]
+
+
+# --- 5. a diverged run stops, keeping the last good checkpoint -------------------------------------------
+def test_a_diverging_run_exits_3_with_its_last_good_checkpoint_intact(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", DEMO, f"output_dir={out}", "train.lr=1e6", "train.warmup_steps=0", "save.every=1",
+                 "save.keep_last=100", "train.max_steps=50"]) == 3
+    line = error_line(capsys.readouterr().err)
+    assert "diverged" in line and "train.lr" in line
+    records = [json.loads(x, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+               for x in (out / "metrics.jsonl").read_text().splitlines()]
+    bad_step = records[-1]["step"] + 1  # the step that diverged was not logged ...
+    assert f"step {bad_step}:" in line
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved == list(range(1, bad_step))  # ... nor saved; every earlier step was, and is finite
+    weights = load_file(out / "checkpoints" / f"step-{saved[-1]}" / "trainable.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values()) and not (out / "adapter").exists()
+    assert str(out / "checkpoints" / f"step-{saved[-1]}") in line
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.lr=.nan", "train.lr: nan must be a finite number"),
+    ("train.lr=.inf", "train.lr: inf must be a finite number"),
+    ("train.seed=-5", "train.seed: -5 must be in [0, 2**32 - 1]"),
+])
+def test_impossible_numbers_in_a_recipe_are_one_line(tmp_path, capsys, override, named):
+    assert main(["train", DEMO, f"output_dir={tmp_path / 'run'}", override]) == 2
+    assert named in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+# --- 6. one line, exit 2, nothing written ---------------------------------------------------------------
+def in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh) as root of a private user and mount namespace, skipping where that is not allowed."""
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare -Urm: {probe.stderr.decode().strip()})")
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+CLI = f"{sys.executable} -m tuneport.core.cli"
+
+
+def test_a_read_only_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    result = in_namespace(f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
+                          f'{CLI} train {DEMO} output_dir="$1/run" train.max_steps=2', str(ro))
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = error_line(result.stderr)
+    assert f"cannot write to {ro / 'run'}" in line and "Read-only file system" in line
+    assert not list(ro.iterdir())
+
+
+def test_a_full_disk_keeps_the_older_checkpoints(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    result = in_namespace(f'mount -t tmpfs -o size=6m tmpfs "$1" && {CLI} train {DEMO} output_dir="$1/run" '
+                          f'train.max_steps=200 save.every=1 save.keep_last=1000 && exit 99; status=$?; '
+                          f'cp -r "$1/run" "$1.copy"; exit $status', str(disk))
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = error_line(result.stderr)
+    assert "No space left on device" in line and "--resume" in line
+    ckpts = tmp_path / "disk.copy" / "checkpoints"
+    assert not list(ckpts.glob(".*.tmp"))  # the unfinished checkpoint was removed
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1))
+    for step in steps:  # each is complete
+        assert json.loads((ckpts / f"step-{step}" / "trainer_state.json").read_text())["step"] == step
+        load_file(ckpts / f"step-{step}" / "trainable.safetensors")
+
+
+def test_a_shard_index_pointing_outside_the_folder_is_refused_before_opening(golden, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(golden / "checkpoint", model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../../etc/passwd"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["train", DEMO, f"model={model}", "tokenizer=null", f"output_dir={tmp_path / 'run'}", *QUICK]) == 2
+    assert "outside the checkpoint folder (../../etc/passwd)" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary(golden, tmp_path, capsys):
+    build_model_folder("demo", tmp_path / "small")  # vocabulary of the demo tokenizer, padded to 64
+    assert main(["train", DEMO, f"model={tmp_path / 'small'}", f"tokenizer={golden / 'checkpoint'}",
+                 f"output_dir={tmp_path / 'run'}", *QUICK]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "the tokenizer has 64798 tokens" in line and "padded_vocab_size" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_checkpoint_is_reported_before_anything_is_written(golden, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(golden / "checkpoint", model)
+    shard = model / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert main(["train", DEMO, f"model={model}", "tokenizer=null", f"output_dir={tmp_path / 'run'}", *QUICK]) == 2
+    assert "model-00002-of-00002.safetensors: cannot be read" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_max_new_tokens_must_be_positive(golden, capsys):
+    assert main(["chat", "--model", str(golden / "checkpoint"), "--max-new-tokens", "-5", "--prompt", "hi"]) == 2
+    assert "--max-new-tokens: -5 must be > 0" in error_line(capsys.readouterr().err)
+
+
+def test_chat_with_an_adapter_of_another_base(golden, tmp_path, capsys):
+    build_model_folder("demo", tmp_path / "demo_base")
+    assert main(["chat", "--model", str(tmp_path / "demo_base"), "--adapter", str(golden / "lora_adapter"),
+                 "--prompt", "hi", "--device", "cpu"]) == 2
+    assert "does not fit the base model" in error_line(capsys.readouterr().err)
+
+
+def test_chat_with_a_missing_adapter(golden, tmp_path, capsys):
+    assert main(["chat", "--model", str(golden / "checkpoint"), "--adapter", str(tmp_path / "nope"),
+                 "--prompt", "hi", "--device", "cpu"]) == 2
+    assert f"--adapter {tmp_path / 'nope'}: no such folder" in error_line(capsys.readouterr().err)
+
+
+def test_a_failed_convert_leaves_nothing_and_a_retry_works(golden, tmp_path, capsys):
+    source = tmp_path / "bin"
+    shutil.copytree(golden / "checkpoint", source,
+                    ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    good = (source / "pytorch_model-00002-of-00002.bin").read_bytes()
+    (source / "pytorch_model-00002-of-00002.bin").write_bytes(good[:5000])
+    destination = tmp_path / "converted"
+    assert main(["convert", str(source), str(destination)]) == 2
+    assert "pytorch_model-00002-of-00002.bin: cannot be read" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+    (source / "pytorch_model-00002-of-00002.bin").write_bytes(good)
+    assert main(["convert", str(source), str(destination)]) == 0
+    assert (destination / "model.safetensors.index.json").is_file()
