@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from tuneport.core.config import model_overrides
+
 from .base import BackendUnavailable, Capabilities, MemoryStats
 
 log = logging.getLogger(__name__)
@@ -123,9 +125,7 @@ class MindSporeRuntime:
 
     def _build_model(self):
         method, mm = self.method, self.msmodel
-        overrides = {}
-        if method.name == "ptuning_v2":
-            overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
+        overrides = model_overrides(method)
         if method.name == "qlora":
             raise BackendUnavailable("method qlora needs bitsandbytes 4-bit kernels, which MindSpore does not have; "
                                      "use method.name=lora with --framework mindspore")

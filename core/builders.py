@@ -30,15 +30,20 @@ def demo_config(vocab: int):
     )
 
 
-def build_model_folder(name: str, folder: Path) -> None:
-    """Write the base model called `name` ("demo") into `folder`, the same bytes on every machine."""
+def builder_config(name: str):
+    """The config of the base model called `name` ("demo"), without building it."""
     if name != "demo":
         raise ValueError(f"unknown builder {name!r}")
+    return demo_config(len(load_tokenizer(resolve_path(DEMO_TOKENIZER))))
+
+
+def build_model_folder(name: str, folder: Path) -> None:
+    """Write the base model called `name` ("demo") into `folder`, the same bytes on every machine."""
+    config = builder_config(name)
     tokenizer_file = resolve_path(DEMO_TOKENIZER)
-    vocab = len(load_tokenizer(tokenizer_file))
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)  # the base model is fixed; a recipe's seed varies only the tuning
-    model = ChatGLMForConditionalGeneration(demo_config(vocab))
+    model = ChatGLMForConditionalGeneration(config)
     torch.set_rng_state(generator_state)
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -100,7 +100,7 @@ def write_failure(e: BaseException) -> Optional[str]:
         if isinstance(seen, SafetensorError):
             code = re.search(r"code: (\d+)", str(seen))
             return os.strerror(int(code.group(1))) if code else str(seen).splitlines()[0][:200]
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)  # `from None` ends it
     return None
 
 

@@ -7,9 +7,11 @@ the file, field and fix, and exit status 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -79,6 +81,7 @@ def read_recipe(args: argparse.Namespace, demo: bool):
 
     `--resume DIR` takes the recipe from DIR; overrides may change only RESUME_MAY_CHANGE.
     """
+    from . import checkpoints, rundir
     from .config import changed_keys, load_recipe
     from .trainer import RunError
 
@@ -97,10 +100,13 @@ def read_recipe(args: argparse.Namespace, demo: bool):
                        f"(to run longer: tuneport train --resume {resume_dir} train.max_steps=N)")
     if any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
         raise RunError(f"--resume {resume_dir}: the run folder is {resume_dir}; drop output_dir=...")
-    if not (resume_dir / "recipe.yaml").is_file():
-        raise RunError(f"--resume {resume_dir}: no recipe.yaml there; it is not a tuneport run folder")
-    stored = load_recipe(resume_dir / "recipe.yaml", (f"output_dir={resume_dir}",))
-    recipe = load_recipe(resume_dir / "recipe.yaml", (*overrides, f"output_dir={resume_dir}"))
+    earlier_tuneport = (resume_dir / "run.json").is_file() and checkpoints.latest_checkpoint(resume_dir / "checkpoints")
+    if not (resume_dir / "recipe.yaml").is_file() or not (rundir.is_run_folder(resume_dir) or earlier_tuneport):
+        raise RunError(f"--resume {resume_dir}: not a tuneport run folder (no {rundir.MARKER} and recipe.yaml); "
+                       "give the output_dir of a run")
+    # The folder is set as a value, not parsed as a YAML override ("runs/exp #2" would lose its "#2").
+    stored = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml"), output_dir=str(resume_dir))
+    recipe = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml", tuple(overrides)), output_dir=str(resume_dir))
     changed = changed_keys(stored, recipe)
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
     if refused:
@@ -160,7 +166,7 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
                       "or choose another output_dir=...")
 
 
-def plan_inputs(recipe, resume_dir: Optional[Path]):
+def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing.
 
     Returns:
@@ -170,123 +176,130 @@ def plan_inputs(recipe, resume_dir: Optional[Path]):
     from tuneport.models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
 
     from . import checkpoints, trainer
+    from .builders import builder_config
+    from .config import model_overrides
 
     if recipe.model in trainer.BUILDERS:
         if not recipe.tokenizer:
             raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
-        tokenizer = load_tokenizer(trainer.tokenizer_path(recipe, None))
+        model_dir, config = f"the built model {recipe.model!r}", builder_config(recipe.model)
     else:
         model_dir = trainer.model_folder(recipe, Path(recipe.output_dir))
-        config, _, _ = check_checkpoint(model_dir)
-        tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
-        tokenizer = load_tokenizer(tokenizer_path)
-        check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
+        config, _, _ = check_checkpoint(model_dir, **model_overrides(recipe.method))
+    tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
     train_data, eval_data = trainer.load_data(recipe, tokenizer)
     resume_from = None
     if resume_dir is not None:
         resume_from = checkpoints.latest_checkpoint(resume_dir / "checkpoints")
         if resume_from is None:
             log.warning("%s has no complete checkpoint; starting from step 0", resume_dir)
-        else:
-            problem = trainer.resume_layout_problem(checkpoints.read_state(resume_from), recipe,
-                                                    int(os.environ.get("WORLD_SIZE", "1")), resume_from)
-            if problem:
-                raise trainer.RunError(problem)
+            return tokenizer, train_data, eval_data, None
+        try:
+            state = checkpoints.read_state(resume_from)
+        except (OSError, ValueError) as e:
+            raise trainer.RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
+                                   "checkpoint folder away to resume from the one before it") from None
+        problem = trainer.resume_problem(state, recipe, int(os.environ.get("WORLD_SIZE", "1")), precision,
+                                         resume_from)
+        if problem:
+            raise trainer.RunError(problem)
     return tokenizer, train_data, eval_data, resume_from
 
 
-def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, changed: dict, record: Callable[[], dict]):
-    """Claim the output folder for this run (rank 0 only) and write its recipe and run record.
+def cannot_write(folder: Path, e: OSError) -> FolderError:
+    from .checkpoints import write_failure
+
+    return FolderError(f"output_dir: cannot write to {folder} ({write_failure(e)}); choose a writable output_dir=...")
+
+
+def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Callable[[], dict]):
+    """Claim the output folder of a new run (rank 0 only): lock, marker, recipe.yaml, run.json.
 
     Returns:
         The folder's lock, held until the run ends.
     """
-    from . import checkpoints, rundir, trainer
+    from . import rundir, trainer
 
     try:
         lock = rundir.claim(output_dir)
     except OSError as e:
-        raise FolderError(f"output_dir: cannot write to {output_dir} ({checkpoints.write_failure(e)}); "
-                          "choose a writable output_dir=...") from None
+        raise cannot_write(output_dir, e) from None
     try:
-        action = folder_action(output_dir, action == "resume", demo)  # again, now that no other run can change it
+        action = folder_action(output_dir, False, demo)  # again, now that no other run can change it
         if action == "afresh":
             log.warning("%s: starting afresh (removing only what tuneport wrote there)", output_dir)
             rundir.clear(output_dir)
-        if action != "resume" or not rundir.is_run_folder(output_dir):
-            rundir.write_marker(output_dir)  # a run folder of an earlier tuneport is marked when resumed
-        run_json = output_dir / "run.json"
-        if action == "resume":
-            checkpoints.remove_unfinished(output_dir / "checkpoints")
-            history = json.loads(run_json.read_text()) if run_json.is_file() else record()
-            history.setdefault("resumes", []).append({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
-                "changed": {k: list(v) for k, v in changed.items()}})
-            if changed:
-                trainer.write_recipe(recipe, output_dir)
-        else:
-            trainer.write_recipe(recipe, output_dir)
-            history = record()
-        rundir.atomic_write_text(run_json, json.dumps(history, indent=2, default=str))
+        rundir.write_marker(output_dir)
+        trainer.write_recipe(recipe, output_dir)
+        rundir.atomic_write_text(output_dir / "run.json", json.dumps(record(), indent=2, default=str))
     except BaseException as e:
         lock.release()
         if isinstance(e, OSError):
-            raise FolderError(f"output_dir: cannot write to {output_dir} ({checkpoints.write_failure(e)}); "
-                              "choose a writable output_dir=...") from None
+            raise cannot_write(output_dir, e) from None
         raise
     return lock
 
 
+def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], dict]) -> None:
+    """After the checkpoint has loaded: note the resume in run.json, and the recipe if an override changed it."""
+    from . import checkpoints, rundir, trainer
+
+    if not rundir.is_run_folder(output_dir):
+        rundir.write_marker(output_dir)  # a run folder of an earlier tuneport
+    checkpoints.remove_unfinished(output_dir / "checkpoints")
+    run_json = output_dir / "run.json"
+    try:
+        history = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        history = record()
+    history.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                                              "changed": {k: list(v) for k, v in changed.items()}})
+    if changed:
+        trainer.write_recipe(recipe, output_dir)
+    rundir.atomic_write_text(run_json, json.dumps(history, indent=2, default=str))
+
+
 def run_train(args: argparse.Namespace, demo: bool = False) -> int:
-    from . import trainer
-    from .config import resolve_path
-    from .distributed import Dist, init_distributed, launched, shutdown
-    from .precision import resolve_precision
+    from . import rundir, trainer
+    from .distributed import Dist, init_distributed, shutdown
 
     recipe, resume_dir, demo, changed = read_recipe(args, demo)
     output_dir = Path(recipe.output_dir)
-
-    # Everything that can be wrong with the inputs is checked before anything is written.
-    action = folder_action(output_dir, resume_dir is not None, demo)
-    use_mindspore = recipe.framework == "mindspore"
-    device, backend = device_for(recipe)
-    precision = resolve_precision(recipe.precision, device, backend.capabilities)
-    if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
-        raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
-    if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
-            "zero_optimization", {}).get("stage", 0) == 3:
-        raise trainer.RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
-                               "use stage 2 (builtin:deepspeed/zero2.json)")
-    if recipe.deepspeed and not launched():
-        raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
-                               "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
-    tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir)
-
-    backend.setup()
-    dist = Dist() if use_mindspore else init_distributed(backend.capabilities.dist_backend, backend.device,
-                                                     process_group_alone=bool(recipe.deepspeed))
-    backend.set_device(dist.local_rank)
-    dist.barrier()  # every process has checked the folder before the first one writes to it
+    main_process = int(os.environ.get("RANK", "0")) == 0
     lock = None
     try:
-        if dist.is_main:
-            def record() -> dict:
-                found = trainer.run_record(recipe, backend, precision, trainer.model_folder(recipe, output_dir))
-                return {**found, "world_size": dist.world_size}
+        if resume_dir is not None and main_process:
+            lock = rundir.RunLock(resume_dir)  # before its checkpoints are read: no other run may change them
+        # Everything that can be wrong with the inputs is checked before anything is written.
+        action = folder_action(output_dir, resume_dir is not None, demo)
+        device, backend, precision = plan_device(recipe)
+        tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir, precision)
 
-            lock = prepare_folder(output_dir, action, demo, recipe, changed, record)
-        dist.barrier()
+        backend.setup()
+        use_mindspore = recipe.framework == "mindspore"
+        dist = Dist() if use_mindspore else init_distributed(backend.capabilities.dist_backend, backend.device,
+                                                         process_group_alone=bool(recipe.deepspeed))
+        backend.set_device(dist.local_rank)
+
+        def record() -> dict:
+            found = trainer.run_record(recipe, backend, precision, trainer.model_folder(recipe, output_dir))
+            return {**found, "world_size": dist.world_size}
+
+        def claim() -> None:
+            nonlocal lock
+            if dist.is_main and resume_dir is None:
+                lock = prepare_folder(output_dir, action, demo, recipe, record)
+
+        dist.barrier()  # every process has checked the folder before the first one writes to it
+        trainer.all_ok(dist, claim, f"output folder {output_dir}")
         model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
-
-        if use_mindspore:
-            from tuneport.backends.mindspore import MindSporeRuntime
-
-            runtime = MindSporeRuntime(recipe, backend, precision, model_dir, dist)
-        else:
-            from .torch_runtime import TorchRuntime
-
-            runtime = TorchRuntime(recipe, backend, precision, model_dir, dist)
-        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, resume_from)
+        runtime = build_runtime(recipe, backend, precision, model_dir, dist)
+        start = trainer.restore(runtime, resume_from) if resume_from else None
+        if resume_dir is not None and dist.is_main:
+            record_resume(output_dir, recipe, changed, record)
+        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, start)
     finally:
         if lock:
             lock.release()
@@ -300,6 +313,38 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
             print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
     shutdown()
     return 0
+
+
+def plan_device(recipe):
+    """(device name, backend, precision plan) for the recipe, with its DeepSpeed settings checked."""
+    from . import trainer
+    from .config import resolve_path
+    from .distributed import launched
+    from .precision import resolve_precision
+
+    device, backend = device_for(recipe)
+    precision = resolve_precision(recipe.precision, device, backend.capabilities)
+    if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
+        raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
+    if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
+            "zero_optimization", {}).get("stage", 0) == 3:
+        raise trainer.RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
+                               "use stage 2 (builtin:deepspeed/zero2.json)")
+    if recipe.deepspeed and not launched():
+        raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
+                               "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
+    return device, backend, precision
+
+
+def build_runtime(recipe, backend, precision, model_dir: Path, dist):
+    """The framework's runtime for the recipe: TorchRuntime, or MindSporeRuntime with --framework mindspore."""
+    if recipe.framework == "mindspore":
+        from tuneport.backends.mindspore import MindSporeRuntime
+
+        return MindSporeRuntime(recipe, backend, precision, model_dir, dist)
+    from .torch_runtime import TorchRuntime
+
+    return TorchRuntime(recipe, backend, precision, model_dir, dist)
 
 
 def show_answers(runtime, tokenizer, train_data_path: str, count: int = 3) -> None:
@@ -451,22 +496,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
+    from .checkpoints import write_failure
     from .trainer import Diverged, Stopped
 
+    main_process = int(os.environ.get("RANK", "0")) == 0  # collective outcomes are reported once
     try:
         return args.run(args)
     except Stopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            run_dir = e.checkpoint.parent.parent
+        if main_process:
+            run_dir = shlex.quote(str(e.checkpoint.parent.parent))
             how = (f"the same launcher with: train --resume {run_dir}" if "LOCAL_RANK" in os.environ
                    else f"tuneport train --resume {run_dir}")
             print(f"{e}; continue with: {how}", file=sys.stderr)
         return 128 + e.signum
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process:
+            print(f"error: {e}", file=sys.stderr)
         return 3
     except expected_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        where = getattr(e, "filename", None) or "a file"
+        print(f"error: {where}: cannot be written ({reason}); free disk space or fix the permissions, then "
+              f"continue a run with --resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

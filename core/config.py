@@ -97,6 +97,13 @@ class Recipe:
     deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
 
 
+def model_overrides(method: MethodConfig) -> dict:
+    """Config keys a method changes in the base model (P-tuning v2 adds a prefix encoder)."""
+    if method.name == "ptuning_v2":
+        return dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
+    return {}
+
+
 BUILDERS = ("demo",)  # model names that build a model instead of loading a folder
 
 
@@ -112,6 +119,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {text!r}: expected key=value, e.g. train.lr=1e-4")
+    if " #" in value or "\t#" in value:  # a command line has no comments: "runs/exp #2" is a name
+        return key.strip().split("."), value.strip()
     try:
         return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:

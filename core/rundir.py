@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,9 @@ OWNED = (MARKER, LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "tensorboard"
          "adapter", "adapter.tmp", "base_model", ".base_model.tmp")
 
 
+log = logging.getLogger(__name__)
+
+
 class FolderError(RuntimeError):
     """An output folder tuneport may not use or cannot write; the message says what to do instead."""
 
@@ -34,11 +38,15 @@ class FolderError(RuntimeError):
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` in one step: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_marker(folder: Path) -> Optional[dict]:
@@ -61,9 +69,14 @@ def check_usable(folder: Path) -> None:
     Raises:
         FolderError: it is a file, or holds files and no tuneport marker.
     """
-    if folder.exists() and not folder.is_dir():
-        raise FolderError(f"output_dir: {folder} is a file; give a folder for the run")
-    if folder.is_dir() and not is_run_folder(folder) and any(p.name != LOCK for p in folder.iterdir()):
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise FolderError(f"output_dir: {folder} is a file; give a folder for the run")
+        foreign = folder.is_dir() and not is_run_folder(folder) and any(
+            p.name not in (LOCK, f".{MARKER}.tmp") for p in folder.iterdir())  # what a failed first write leaves
+    except OSError as e:
+        raise FolderError(f"output_dir: {folder} cannot be read ({e.strerror}); choose another output_dir=...") from None
+    if foreign:
         raise FolderError(f"output_dir: {folder} is not empty and is not a tuneport run folder (no {MARKER}); "
                           "tuneport never writes among your files: choose a new output_dir=...")
 
@@ -77,10 +90,14 @@ class RunLock:
 
     def __init__(self, folder: Path):
         self.path = folder / LOCK
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                log.warning("%s: this file system has no file locks (%s); nothing stops a second run into this "
+                            "folder, so start only one", folder, e.strerror)
+                return
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):

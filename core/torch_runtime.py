@@ -22,9 +22,10 @@ from torch import nn
 
 from tuneport.backends import Backend
 from tuneport.models.chatglm3 import CheckpointError, load_model
+from tuneport.models.chatglm3.checkpoint import read_json
 
 from .checkpoints import torch_save
-from .config import Recipe, resolve_path
+from .config import Recipe, model_overrides, resolve_path
 from .distributed import Dist
 from .precision import PrecisionPlan
 
@@ -142,9 +143,7 @@ class TorchRuntime:
         method = self.method
         # Frozen base weights may live in the compute dtype; trained weights stay in float32.
         base_dtype = torch.float32 if method.name == "full" else self.compute_dtype
-        overrides = {}
-        if method.name == "ptuning_v2":
-            overrides = dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
+        overrides = model_overrides(method)
         model = load_model(self.model_dir, device=f"{self.backend.name}:{self.dist.local_rank}", dtype=base_dtype,
                            **overrides)
         if self.recipe.train.gradient_checkpointing:
@@ -326,39 +325,49 @@ def load_tuned_model(base: Path, adapter: Optional[Path], device: str = "cpu", d
     """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat).
 
     Raises:
-        CheckpointError: the adapter folder is missing, is not a tuned result, or was tuned from
-            another base model (its shapes do not fit).
+        CheckpointError: the adapter folder is missing, is not a tuned result, is damaged, or was tuned
+            from another base model (its shapes or layers do not fit).
     """
     if adapter is None:
         return load_model(base, device=device, dtype=dtype)
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
-    try:
-        if (adapter / PREFIX_CONFIG).exists():
-            config = json.loads((adapter / PREFIX_CONFIG).read_text())
-            model = load_model(base, device=device, dtype=dtype, **config)
-            weights = load_file(adapter / PREFIX_WEIGHTS)
-            prefix = {n for n in model.state_dict() if n.startswith("transformer.prefix_encoder.")}
-            if set(weights) != prefix:
-                raise CheckpointError(f"{adapter / PREFIX_WEIGHTS}: holds {sorted(weights)[:3]} but the model's prefix "
-                                      f"encoder is {sorted(prefix)}; it is not a P-tuning v2 result of tuneport")
-            model.load_state_dict(weights, strict=False)
-            return model
-        if (adapter / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            return PeftModel.from_pretrained(load_model(base, device=device, dtype=dtype), str(adapter)).eval()
-    except CheckpointError:
-        raise
-    except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target modules not in this model
-        trained_on = ""
-        if (adapter / "adapter_config.json").exists():
-            trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        raise CheckpointError(
-            f"--adapter {adapter}: does not fit the base model {base} ({str(e).splitlines()[-1].strip()[:200]}); "
-            f"pass the base it was tuned from{': ' + trained_on if trained_on else ''}") from None
-    if not (adapter / "config.json").exists():
+    if (adapter / "config.json").exists():
+        return load_model(adapter, device=device, dtype=dtype)  # a full fine-tune is a checkpoint folder
+    if (adapter / PREFIX_CONFIG).exists():
+        config = read_json(adapter / PREFIX_CONFIG)
+        model = load_model(base, device=device, dtype=dtype, **config)
+        weights = _adapter_weights(adapter / PREFIX_WEIGHTS)
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith("transformer.prefix_encoder.")}
+        if {n: tuple(t.shape) for n, t in weights.items()} != shapes:
+            raise CheckpointError(f"--adapter {adapter}: its prefix encoder does not fit the base model {base} "
+                                  f"(expected {shapes}); pass the base it was tuned from")
+        model.load_state_dict(weights, strict=False)
+        return model
+    if not (adapter / "adapter_config.json").exists():
         raise CheckpointError(f"--adapter {adapter}: not a tuned result; expected adapter_config.json (LoRA, QLoRA), "
                               f"{PREFIX_CONFIG} (P-tuning v2) or config.json (full fine-tune)")
-    return load_model(adapter, device=device, dtype=dtype)  # a full fine-tune is a checkpoint folder
+    from peft import PeftModel
+
+    trained_on = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or "?"
+    model = load_model(base, device=device, dtype=dtype)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).eval()
+    except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target layers missing in this model
+        raise CheckpointError(f"--adapter {adapter}: does not fit the base model {base} "
+                              f"({str(e).strip().splitlines()[-1].strip()[:200]}); pass the base it was tuned from "
+                              f"({trained_on})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise CheckpointError(f"--adapter {adapter}: damaged adapter file ({e}); copy the adapter again") from None
+
+
+def _adapter_weights(file: Path) -> dict:
+    try:
+        return load_file(file)
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise CheckpointError(f"{file}: cannot be read ({e}); copy the adapter again") from None

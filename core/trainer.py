@@ -51,11 +51,17 @@ class Stopped(Exception):
 
 class StopOnSignal:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current optimizer step (it then
-    saves a checkpoint); a second signal ends the process at once. Inactive off the main thread."""
+    saves a checkpoint). The handler only records the signal (it may interrupt any code, a write to
+    stderr included) and, in a process of its own, restores the default action, so a second signal ends
+    the process at once even inside a long call. Under a launcher, which forwards signals and
+    escalates itself, later signals are ignored. Inactive off the main thread.
+    """
 
     def __init__(self):
         self.signum: Optional[int] = None
         self.previous: dict = {}
+        self.announced = False
+        self.launched = "LOCAL_RANK" in os.environ
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -63,16 +69,24 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            os.write(2, f"\n{signal.Signals(signum).name} again: stopping now, without saving\n".encode())
-            os._exit(128 + signum)  # every file tuneport writes is atomic or appended: nothing is left broken
-        self.signum = signum
-        log.warning("%s: finishing this optimizer step and saving a checkpoint (again to quit at once)",
-                    signal.Signals(signum).name)
+        if self.signum is None:
+            self.signum = signum
+            if not self.launched:
+                for s in self.previous:
+                    signal.signal(s, signal.SIG_DFL)
+
+    def announce(self) -> None:
+        """Say, once, that a signal arrived and what happens now."""
+        if self.signum is not None and not self.announced:
+            self.announced = True
+            again = "" if self.launched else "; press Ctrl-C again to quit at once, without saving"
+            log.warning("%s: finishing this optimizer step and saving a checkpoint%s",
+                        signal.Signals(self.signum).name, again)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: a handler installed from C, which Python cannot restore
+                signal.signal(s, handler)
 
 
 # --- schedule ----------------------------------------------------------------------------------------
@@ -283,6 +297,28 @@ def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
     return total / max(1, tokens)
 
 
+def all_ok(dist, work: Callable[[], None], what: str) -> None:
+    """Run this process's part of a collective step; when it fails on any process, every process raises
+    (so none waits forever at the next collective call). A failed write becomes a one-line RunError.
+
+    Raises:
+        RunError: naming `what` and, on the process that failed to write, the reason.
+    """
+    error = None
+    try:
+        work()
+    except Exception as e:
+        error = e
+    (failed,) = dist.all_sum([float(error is not None)])
+    if error is not None:
+        reason = checkpoints.write_failure(error)
+        if reason is None:
+            raise error
+        raise RunError(f"{what} could not be written ({reason})") from None
+    if failed:
+        raise RunError(f"{what}: failed on another process (its error says why)")
+
+
 def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: int) -> Path:
     """Every process writes its part into a temporary folder, then rank 0 publishes it by a rename.
 
@@ -293,41 +329,66 @@ def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: in
     dist = runtime.dist
     final = root / f"step-{step}"
     tmp = checkpoints.temporary_dir(final)
+
+    def publish() -> None:
+        checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
+                                      "micro_batch_size": runtime.recipe.train.micro_batch_size,
+                                      "grad_accum": runtime.recipe.train.grad_accum,
+                                      "precision": precision_name(runtime.precision)})
+        checkpoints.publish(tmp, final)
+        checkpoints.prune(root, keep_last)
+
     try:
+        all_ok(dist, lambda: checkpoints.reset_dir(tmp) if dist.is_main else None, str(tmp))
+        all_ok(dist, lambda: runtime.save_state(tmp), str(tmp))
+        all_ok(dist, publish if dist.is_main else lambda: None, str(tmp))
+    except RunError as e:
         if dist.is_main:
-            checkpoints.reset_dir(tmp)
-        dist.barrier()
-        runtime.save_state(tmp)
-        dist.barrier()
-        if dist.is_main:
-            checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
-                                          "micro_batch_size": runtime.recipe.train.micro_batch_size,
-                                          "grad_accum": runtime.recipe.train.grad_accum})
-            checkpoints.publish(tmp, final)
-            checkpoints.prune(root, keep_last)
-    except Exception as e:
-        reason = checkpoints.write_failure(e)
-        if reason is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         newest = checkpoints.latest_checkpoint(root)
-        raise RunError(f"{tmp}: checkpoint of step {step} could not be written ({reason}); free "
-                       f"disk space or lower save.keep_last, then continue with --resume {root.parent} "
-                       f"(newest complete checkpoint: {newest or 'none'})") from None
-    dist.barrier()
+        raise RunError(f"checkpoint of step {step}: {e}; free disk space or lower save.keep_last, then continue "
+                       f"with --resume {root.parent} (newest complete checkpoint: {newest or 'none'})") from None
     return final
 
 
-def resume_layout_problem(state: dict, recipe: Recipe, world_size: int, checkpoint: Path) -> Optional[str]:
-    """Why checkpoint `state` cannot continue exactly with this many processes and batch settings (or None)."""
+def precision_name(precision) -> str:
+    return precision.compute + (" with loss scaling" if precision.loss_scaling else "")
+
+
+def resume_problem(state: dict, recipe: Recipe, world_size: int, precision, checkpoint: Path) -> Optional[str]:
+    """Why checkpoint `state` cannot continue exactly with these processes, batch settings and precision
+    (or None)."""
     t = recipe.train
-    layout = {"world_size": world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
-    changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
+    now = {"world_size": world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+           "precision": precision_name(precision)}
+    changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
     if not changed:
         return None
     return (f"--resume: {checkpoint} was written with " + ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
             + " but this run has " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
-            + "; resume with the same processes and batch settings for an exact continuation")
+            + "; resume with the same processes, batch settings and precision (a device with the same precision "
+              "support) for an exact continuation")
+
+
+def restore(runtime, checkpoint: Path) -> tuple[int, Position]:
+    """Load a checkpoint into the runtime; returns (step, data position) to continue from.
+
+    Raises:
+        RunError: the checkpoint's files are damaged or belong to another method.
+    """
+    state = checkpoints.read_state(checkpoint)
+    try:
+        runtime.load_state(checkpoint)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise RunError(f"{checkpoint}: cannot be resumed from ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       "move this checkpoint folder away to resume from the one before it") from None
+    except Exception as e:  # safetensors' SafetensorError for a damaged file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise RunError(f"{checkpoint}: cannot be resumed from (damaged file: {e}); move this checkpoint folder "
+                       "away to resume from the one before it") from None
+    log.info("resumed from %s (step %d)", checkpoint, state["step"])
+    return state["step"], Position(**state["position"])
 
 
 def check_finite(step: int, loss: float, grad_norm: float, runtime, recipe: Recipe, root: Path) -> None:
@@ -340,10 +401,10 @@ def check_finite(step: int, loss: float, grad_norm: float, runtime, recipe: Reci
     if math.isfinite(loss) and (math.isfinite(grad_norm) or runtime.precision.loss_scaling):
         return
     newest = checkpoints.latest_checkpoint(root)
-    kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before it"
+    kept = f"the last good checkpoint is kept: {newest}" if newest else "no checkpoint was written before it"
     raise Diverged(f"step {step}: loss {loss} and gradient norm {grad_norm} are not both finite: training "
-                   f"diverged. Lower train.lr (now {recipe.train.lr:g}), train with precision=fp32, or check the "
-                   f"data for broken samples; {kept}")
+                   f"diverged. Start a new run (another output_dir) with a lower train.lr (now {recipe.train.lr:g}) "
+                   f"or precision=fp32, or check the data for broken samples; {kept}")
 
 
 def train(
@@ -354,10 +415,11 @@ def train(
     eval_data: Optional[EncodedData],
     output_dir: Path,
     backend,
-    resume_from: Optional[Path] = None,
+    start: Optional[tuple[int, Position]] = None,
     on_step: Optional[Callable[[dict], None]] = None,
 ) -> list[dict]:
-    """Run the optimizer steps of `recipe`, from the start or from checkpoint `resume_from`.
+    """Run the optimizer steps of `recipe`, from the start or from `start` (step, position) that
+    `restore` returned after loading a checkpoint into the runtime.
 
     Every process runs this; only rank 0 logs and writes. SIGINT or SIGTERM ends the run after the
     current optimizer step with a checkpoint (`Stopped`); a non-finite loss or gradient norm ends it
@@ -370,16 +432,8 @@ def train(
     dist = runtime.dist
     steps = total_steps(recipe, len(train_data.samples), dist.world_size)
     ckpt_root = output_dir / "checkpoints"
-    pos, step = Position(), 0
-    if resume_from is not None:
-        state = checkpoints.read_state(resume_from)
-        problem = resume_layout_problem(state, recipe, dist.world_size, resume_from)
-        if problem:
-            raise RunError(problem)
-        runtime.load_state(resume_from)
-        step, pos = state["step"], Position(**state["position"])
-        log.info("resumed from %s (step %d)", resume_from, step)
-    metrics = MetricsLog(output_dir, step if resume_from is not None else None) if dist.is_main else None
+    step, pos = start or (0, Position())
+    metrics = MetricsLog(output_dir, step if start else None) if dist.is_main else None
     stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
                            dist.rank, dist.world_size)
 
@@ -397,8 +451,10 @@ def train(
                 loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
                            for i, b in enumerate(batches))
                 grad_norm = runtime.optimizer_step(lr, t.grad_clip)
-                # One exchange per step: the summed loss, and whether any process was asked to stop.
-                loss, stopping = dist.all_sum([loss, float(stop.signum is not None)])
+                # One exchange per step: the summed loss, and which processes were asked to stop.
+                loss, sigints, sigterms = dist.all_sum([loss, float(stop.signum == signal.SIGINT),
+                                                        float(stop.signum == signal.SIGTERM)])
+                stop.announce()
                 step += 1
                 check_finite(step, loss, grad_norm, runtime, recipe, ckpt_root)
                 elapsed = time.perf_counter() - started
@@ -416,11 +472,13 @@ def train(
                 saved = None
                 if recipe.save.every and (step % recipe.save.every == 0 or step == steps):
                     saved = save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
+                signum = signal.SIGINT if sigints else signal.SIGTERM if sigterms else None
                 if dist.world_size == 1:  # alone, a signal during this step's logging counts too
-                    stopping = stopping or stop.signum is not None
-                if stopping and step < steps:
+                    signum = signum or stop.signum
+                if signum and step < steps:
+                    stop.announce()
                     saved = saved or save_checkpoint(runtime, ckpt_root, step, pos, recipe.save.keep_last)
-                    raise Stopped(stop.signum or signal.SIGTERM, step, saved)
+                    raise Stopped(signum, step, saved)
     finally:
         bar.close()
         if metrics:

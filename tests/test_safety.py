@@ -37,7 +37,7 @@ from pathlib import Path
 from tuneport.core import cli, trainer
 action, at, ready = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 def hook(record):
-    if record["step"] != at:
+    if record["step"] != at or os.environ.get("RANK", "0") != os.environ.get("HOOK_RANK", "0"):
         return
     if action == "wait":
         ready.write_text(str(os.getpid()))
@@ -57,9 +57,10 @@ sys.exit(cli.main(sys.argv[4:]))
 
 def hooked(action: str, at: int, *args: str, ready: Path = Path("-"), wait: bool = True):
     command = [sys.executable, "-c", HOOK, action, str(at), str(ready), *args]
+    alone = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=alone)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=alone)
 
 
 def snapshot(folder: Path) -> dict:
@@ -102,7 +103,8 @@ def test_a_project_folder_as_output_dir_is_refused_untouched(tmp_path, capsys, m
 
 
 def test_a_failed_run_then_a_rerun_keep_the_users_data_file(tmp_path, capsys):
-    """The user's data file lives in the output folder: the bad run and the rerun both leave it alone."""
+    """The user's data file lives in the output folder. The run with a bad override used to write
+    recipe.yaml there and its rerun wiped the folder; now both are refused before writing anything."""
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(resolve_path("builtin:demo/data.jsonl"), out / "data.jsonl")
@@ -187,6 +189,25 @@ def test_a_refused_resume_writes_nothing_and_the_run_stays_resumable(tmp_path, c
     assert load_recipe(out / "recipe.yaml").train.max_steps == 5
 
 
+def test_resume_refuses_a_folder_tuneport_did_not_make(tmp_path, capsys):
+    project = user_project(tmp_path / "project")
+    shutil.copy(resolve_path(DEMO), project / "recipe.yaml")  # the user's own recipe.yaml
+    before = snapshot(project)
+    assert main(["train", "--resume", str(project)]) == 2
+    assert "not a tuneport run folder" in error_line(capsys.readouterr().err)
+    assert snapshot(project) == before
+
+
+def test_resume_takes_the_folder_name_literally(tmp_path):
+    """A folder name that YAML would cut short ("#" starts a comment) is resumed, not its prefix."""
+    out = tmp_path / "exp #2"
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK, "save.every=2"]) == 0
+    (tmp_path / "exp").mkdir()
+    assert main(["train", "--resume", str(out), "train.max_steps=5"]) == 0
+    assert not list((tmp_path / "exp").iterdir())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+
+
 # --- 4. SIGINT and SIGTERM save; a second signal quits at once -------------------------------------------
 @pytest.mark.parametrize("name,status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_saves_a_checkpoint_and_the_resume_is_bitwise_exact(tmp_path, name, status):
@@ -205,10 +226,31 @@ def test_a_signal_saves_a_checkpoint_and_the_resume_is_bitwise_exact(tmp_path, n
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """torchrun, 2 gloo processes: SIGINT reaches rank 1 only; both save step 3 and the resume is exact."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    common = ["train.max_steps=6", "save.every=100", "train.micro_batch_size=2", "method.dropout=0.1"]
+    straight = subprocess.run([*run, "-m", "tuneport.core.cli", "train", DEMO, f"output_dir={tmp_path / 'straight'}",
+                               *common], capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "stopped"
+    stopped = subprocess.run([*run, "--no-python", sys.executable, "-c", HOOK, "SIGINT", "2", "-", "train", DEMO,
+                              f"output_dir={out}", *common], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HOOK_RANK": "1"})
+    assert stopped.returncode != 0 and "stopped by SIGINT after step 3" in stopped.stderr, stopped.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    assert {p.name for p in (out / "checkpoints" / "step-3").glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    resumed = subprocess.run([*run, "-m", "tuneport.core.cli", "train", "--resume", str(out)],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = adapter(tmp_path / "straight"), adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_second_sigint_quits_at_once_without_saving(tmp_path):
     out = tmp_path / "run"
     result = hooked("SIGINT,SIGINT", 3, "train", DEMO, f"output_dir={out}", "train.max_steps=6", "save.every=100")
-    assert result.returncode == 130 and "again: stopping now" in result.stderr
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]  # the default action: ended by the signal
     assert not list(out.glob("checkpoints/step-*")) and (out / "metrics.jsonl").is_file()
 
 
@@ -299,7 +341,7 @@ def test_a_full_disk_keeps_the_older_checkpoints(tmp_path):
     ckpts = tmp_path / "disk.copy" / "checkpoints"
     assert not list(ckpts.glob(".*.tmp"))  # the unfinished checkpoint was removed
     steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
-    assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1))
+    assert steps and steps == list(range(1, len(steps) + 1))
     for step in steps:  # each is complete
         assert json.loads((ckpts / f"step-{step}" / "trainer_state.json").read_text())["step"] == step
         load_file(ckpts / f"step-{step}" / "trainable.safetensors")

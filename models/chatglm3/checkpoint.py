@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -304,9 +305,12 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
     files = weight_files(Path(source))
     if destination.exists():
         raise CheckpointError(f"{destination}: already exists; give a new folder to write the converted checkpoint")
-    tmp = destination.parent / f".{destination.name}.tmp-{os.getpid()}"
     try:
-        tmp.mkdir(parents=True)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    except OSError as e:
+        raise CheckpointError(f"{destination}: cannot be written ({e.strerror})") from None
+    try:
         weight_map = {}
         for i, file in enumerate(files, start=1):
             name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
