@@ -263,7 +263,7 @@ def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], 
 
 def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     from . import rundir, trainer
-    from .distributed import Dist, init_distributed, shutdown
+    from .distributed import Dist, in_process_group, init_distributed
 
     recipe, resume_dir, demo, changed = read_recipe(args, demo)
     output_dir = Path(recipe.output_dir)
@@ -300,6 +300,13 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         if resume_dir is not None and dist.is_main:
             record_resume(output_dir, recipe, changed, record)
         records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, start)
+    except BaseException as e:
+        if not in_process_group():
+            raise
+        code = report(e)  # printed now, while the model (and DDP's reducer) is still alive
+        if lock:
+            lock.release()
+        leave_job(code)
     finally:
         if lock:
             lock.release()
@@ -311,7 +318,8 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         if demo:
             show_answers(runtime, tokenizer, train_data_path=recipe.data.train)
             print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
-    shutdown()
+    if in_process_group():
+        leave_job(0)
     return 0
 
 
@@ -496,37 +504,52 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
+    try:
+        return args.run(args)
+    except BaseException as e:
+        return report(e)
+
+
+def report(e: BaseException) -> int:
+    """The exit status for an exception that ended a command, after printing its one `error:` line;
+    re-raises what is a bug (a traceback is for bugs)."""
     from .checkpoints import write_failure
     from .trainer import Diverged, Stopped
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # collective outcomes are reported once
-    try:
-        return args.run(args)
-    except Stopped as e:
+    if isinstance(e, Stopped):
         if main_process:
             run_dir = shlex.quote(str(e.checkpoint.parent.parent))
             how = (f"the same launcher with: train --resume {run_dir}" if "LOCAL_RANK" in os.environ
                    else f"tuneport train --resume {run_dir}")
             print(f"{e}; continue with: {how}", file=sys.stderr)
         return 128 + e.signum
-    except Diverged as e:
+    if isinstance(e, Diverged):
         if main_process:
             print(f"error: {e}", file=sys.stderr)
         return 3
-    except expected_errors() as e:
+    if isinstance(e, expected_errors()):
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        reason = write_failure(e)
-        if reason is None:
-            raise
-        where = getattr(e, "filename", None) or "a file"
-        print(f"error: {where}: cannot be written ({reason}); free disk space or fix the permissions, then "
-              f"continue a run with --resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    if isinstance(e, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    reason = write_failure(e) if isinstance(e, Exception) else None
+    if reason is None:
+        raise e
+    where = getattr(e, "filename", None) or "a file"
+    print(f"error: {where}: cannot be written ({reason}); free disk space or fix the permissions, then "
+          "continue a run with --resume", file=sys.stderr)
+    return 2
+
+
+def leave_job(code: int) -> None:
+    """End a worker of a distributed job now, with `code`, while its model is still alive: freeing
+    DistributedDataParallel's reducer can deadlock gloo's threads against the GIL, so a worker that has
+    written everything skips the destructors."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

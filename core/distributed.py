@@ -68,6 +68,6 @@ def init_distributed(dist_backend: str, device_of, process_group_alone: bool = F
     return Dist(rank=dist.get_rank(), world_size=world, local_rank=local, device=device)
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def in_process_group() -> bool:
+    """Whether this process joined a torch.distributed job (it was started by a launcher)."""
+    return dist.is_available() and dist.is_initialized()
