@@ -87,24 +87,53 @@ def kernel_tables():
     return {"cpu": CPUBackend.kernels, "cuda": CUDA_KERNELS}
 
 
-@pytest.mark.parametrize("name", sorted(kernel_tables()))
-def test_backend_kernels_match_reference(name, qkv):
-    kernels = kernel_tables()[name]
+def kernel_inputs(kernel: str, qkv) -> list[tuple[tuple, dict]]:
+    """Seeded inputs for one kernel, covering its options (causal, padding, KV cache, partial rotary)."""
+    g = torch.Generator().manual_seed(4)
     q, k, v = qkv
-    padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
-    for mask, causal in [(None, True), (padding, True), (padding, False), (None, False)]:
-        torch.testing.assert_close(
-            kernels.attention(q, k, v, mask=mask, causal=causal), ref.attention(q, k, v, mask=mask, causal=causal),
-            atol=1e-5, rtol=1e-5,
-        )
-    square = (q, k[:, :, :5], v[:, :, :5])
-    torch.testing.assert_close(kernels.attention(*square, causal=True), ref.attention(*square, causal=True),
-                               atol=1e-5, rtol=1e-5)
-    x = torch.randn(2, 3, 4, 16)
-    angles = torch.rand(2, 3, 4)
-    torch.testing.assert_close(kernels.rotary(x, angles.cos(), angles.sin()), ref.rotary(x, angles.cos(), angles.sin()))
-    torch.testing.assert_close(kernels.rms_norm(x, torch.ones(16), 1e-5), ref.rms_norm(x, torch.ones(16), 1e-5))
-    torch.testing.assert_close(kernels.swiglu(x), ref.swiglu(x))
+    if kernel == "attention":
+        padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
+        cases = [((q, k, v), dict(mask=mask, causal=causal))
+                 for mask, causal in [(None, True), (padding, True), (padding, False), (None, False)]]
+        return cases + [((q, k[:, :, :5], v[:, :, :5]), dict(causal=True))]
+    x = torch.randn(2, 3, 4, 16, generator=g)
+    if kernel == "rotary":
+        angles = torch.rand(2, 3, 4, generator=g) * 6  # 8 of 16 channels rotate
+        return [((x, angles.cos(), angles.sin()), {})]
+    if kernel == "rms_norm":
+        return [((x, torch.rand(16, generator=g) + 0.5, 1e-5), {})]
+    return [((x,), {})]  # swiglu
+
+
+@pytest.mark.parametrize("kernel", ["attention", "rotary", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("name", sorted(kernel_tables()))
+def test_backend_kernels_match_reference(name, kernel, qkv):
+    fn = getattr(kernel_tables()[name], kernel)
+    if fn is getattr(ref, kernel):
+        pytest.skip(f"the {name} table uses the reference {kernel} itself: nothing to compare")
+    for args, kwargs in kernel_inputs(kernel, qkv):
+        torch.testing.assert_close(fn(*args, **kwargs), getattr(ref, kernel)(*args, **kwargs), atol=1e-5, rtol=1e-5)
+
+
+ON_DEVICE = [pytest.param(d, marks=pytest.mark.device(d)) for d in ("cuda", "npu")]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["attention", "rotary", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("device", ON_DEVICE)
+def test_kernels_on_the_device_match_the_cpu_reference(device, kernel, dtype, tol, qkv):
+    """Hardware truth (`pytest -m device`): each kernel of the device's table, on the device, against the
+    reference in float32 on the CPU, from the same inputs rounded to `dtype`. bf16 keeps 8 bits of
+    mantissa, so 2e-2 is a few of its rounding steps at these magnitudes."""
+    backend = get_backend(device)
+    for args, kwargs in kernel_inputs(kernel, qkv):
+        rounded = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        on_device = [a.to(backend.device()) if isinstance(a, torch.Tensor) else a for a in rounded]
+        moved = {k: v.to(backend.device()) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        got = getattr(backend.kernels, kernel)(*on_device, **moved)
+        expected = getattr(ref, kernel)(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                          else a for a in rounded], **kwargs)
+        torch.testing.assert_close(got.float().cpu(), expected, atol=tol, rtol=tol)
 
 
 def test_cpu_backend_basics():

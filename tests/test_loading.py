@@ -133,3 +133,40 @@ def test_save_pretrained_round_trip(golden, tmp_path):
     again = load_model(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def prefix_adapter(golden, folder, rename=None):
+    """A P-tuning v2 result folder made from the golden prefix encoder (keys optionally renamed)."""
+    folder.mkdir()
+    shutil.copy(golden / "prefix_config.json", folder / "prefix_config.json")
+    weights = load_file(golden / "prefix_encoder.safetensors")
+    save_file({(rename(k) if rename else k): v for k, v in weights.items()}, folder / "prefix_encoder.safetensors")
+    return folder
+
+
+def test_ptuning_result_loads_strictly(golden, tmp_path):
+    from tuneport.core.torch_runtime import load_tuned_model
+
+    good = load_tuned_model(golden / "checkpoint", prefix_adapter(golden, tmp_path / "good"))
+    expected = load_file(golden / "prefix_encoder.safetensors")
+    state = good.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    renamed = prefix_adapter(golden, tmp_path / "bad", rename=lambda k: k.replace("prefix_encoder", "prompt_encoder"))
+    with pytest.raises(CheckpointError, match="prefix encoder does not fit"):
+        load_tuned_model(golden / "checkpoint", renamed)
+
+
+def test_convert_bin_to_safetensors_and_back_through_load_model(golden, tmp_path, capsys):
+    from tuneport.core.cli import main
+
+    source = tmp_path / "bin"
+    shutil.copytree(golden / "checkpoint", source,
+                    ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    assert main(["convert", str(source), str(tmp_path / "st")]) == 0
+    assert sorted(p.name for p in (tmp_path / "st").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert not list((tmp_path / "st").glob("*.bin"))
+    from_bin, from_st = load_model(source).state_dict(), load_model(tmp_path / "st").state_dict()
+    assert from_bin.keys() == from_st.keys() and all(torch.equal(from_bin[k], from_st[k]) for k in from_bin)
+    assert main(["convert", str(source), str(tmp_path / "st")]) == 2  # never onto an existing folder
+    assert "already exists" in capsys.readouterr().err
