@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .base import Backend, BackendUnavailable, Capabilities, Kernels, MemoryStats
 
@@ -30,12 +31,41 @@ def _npu() -> Backend:
     return NPUBackend()
 
 
-# Each factory imports its module only when called, so asking for "cpu" never imports torch_npu.
-_BACKENDS: dict[str, Callable[[], Backend]] = {
-    "cpu": _cpu,
-    "cuda": _cuda,
-    "npu": _npu,
+def _npu_doctor() -> list[str]:
+    from .npu import doctor_lines
+
+    return doctor_lines()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered backend: its factory (which imports the backend's module only when called), its
+    rank for `device: auto` (higher is tried first; 0 is never picked by auto), and optional extra
+    lines for `tuneport doctor` (software-stack checks that run even when the device is unusable)."""
+
+    factory: Callable[[], Backend]
+    auto_rank: int = 0
+    doctor: Optional[Callable[[], list[str]]] = None
+
+
+# The registry: a new device is one file in this folder plus one line here (or `register_backend`).
+_BACKENDS: dict[str, Entry] = {
+    "cpu": Entry(_cpu),
+    "cuda": Entry(_cuda, auto_rank=1),
+    "npu": Entry(_npu, auto_rank=2, doctor=_npu_doctor),
 }
+
+
+def register_backend(name: str, factory: Callable[[], Backend], auto_rank: int = 0,
+                     doctor: Optional[Callable[[], list[str]]] = None) -> None:
+    """Add a device backend under `name` (for backends that live outside this package)."""
+    _BACKENDS[name.lower()] = Entry(factory, auto_rank, doctor)
+
+
+def doctor_lines(name: str) -> list[str]:
+    """The backend's extra `tuneport doctor` lines (none for an unknown name)."""
+    entry = _BACKENDS.get(name.lower())
+    return entry.doctor() if entry and entry.doctor else []
 
 
 def available_backends() -> list[str]:
@@ -52,8 +82,26 @@ def get_backend(name: str) -> Backend:
     """
     key = name.split(":", 1)[0].strip().lower()
     if key not in _BACKENDS:
-        raise ValueError(f"unknown device {name!r}; expected one of: {', '.join(available_backends())}")
-    return _BACKENDS[key]()
+        raise ValueError(f"unknown device {name!r}; expected one of: auto, {', '.join(available_backends())}")
+    return _BACKENDS[key].factory()
+
+
+def pick_backend(name: str) -> tuple[str, Backend]:
+    """(name, backend) for a device name; `auto` is the usable backend of highest auto rank (an Ascend
+    NPU, then an NVIDIA GPU), else the CPU.
+
+    Raises:
+        ValueError, BackendUnavailable: as `get_backend`.
+    """
+    if name != "auto":
+        return name, get_backend(name)
+    for candidate, entry in sorted(_BACKENDS.items(), key=lambda item: -item[1].auto_rank):
+        if entry.auto_rank > 0:
+            try:
+                return candidate, entry.factory()
+            except BackendUnavailable:
+                continue
+    return "cpu", get_backend("cpu")
 
 
 __all__ = [
@@ -63,5 +111,8 @@ __all__ = [
     "Kernels",
     "MemoryStats",
     "available_backends",
+    "doctor_lines",
     "get_backend",
+    "pick_backend",
+    "register_backend",
 ]

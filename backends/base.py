@@ -27,6 +27,7 @@ class Capabilities:
         dist_backend: torch.distributed backend for this device: "gloo", "nccl" or "hccl".
         visible_devices_env: Environment variable that selects visible devices, or None.
         bnb_4bit: bitsandbytes 4-bit (NF4/FP4) layers run here, so QLoRA can.
+        prefers_fp32: `precision: auto` means fp32 here (bf16 compute is slower than fp32 on most CPUs).
     """
 
     device_name: str
@@ -37,6 +38,7 @@ class Capabilities:
     dist_backend: str
     visible_devices_env: Optional[str]
     bnb_4bit: bool = False
+    prefers_fp32: bool = False
 
 
 @dataclass(frozen=True)

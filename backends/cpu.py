@@ -72,6 +72,7 @@ class CPUBackend:
             dist_backend="gloo",
             visible_devices_env=None,
             bnb_4bit=importlib.util.find_spec("bitsandbytes") is not None,  # CPU kernels since 0.45
+            prefers_fp32=True,
         )
 
     def setup(self) -> None:

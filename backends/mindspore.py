@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from tuneport.core.config import model_overrides
+from ..core.config import model_overrides
 
 from .base import BackendUnavailable, Capabilities, MemoryStats
 
@@ -71,7 +71,8 @@ class MindSporeDevice:
                             bf16=ascend_a2 or self.target == "GPU", fp16=self.target != "CPU",
                             dist_backend={"CPU": "gloo", "Ascend": "hccl", "GPU": "nccl"}[self.target],
                             visible_devices_env={"Ascend": "ASCEND_RT_VISIBLE_DEVICES",
-                                                 "GPU": "CUDA_VISIBLE_DEVICES"}.get(self.target))
+                                                 "GPU": "CUDA_VISIBLE_DEVICES"}.get(self.target),
+                            prefers_fp32=self.target == "CPU")
 
     def setup(self) -> None:
         import mindspore as ms
@@ -97,7 +98,7 @@ class MindSporeRuntime:
     def __init__(self, recipe, device: MindSporeDevice, precision, model_dir: Path, dist):
         import mindspore as ms
 
-        from tuneport.models.chatglm3 import mindspore as msmodel
+        from ..models.chatglm3 import mindspore as msmodel
 
         self.ms, self.msmodel = ms, msmodel
         self.recipe, self.device, self.precision, self.dist = recipe, device, precision, dist
@@ -233,6 +234,9 @@ class MindSporeRuntime:
         self.step_count = state["step"]
         if self.loss_scaler and "loss_scale" in state:
             self.loss_scaler.scale_value.set_data(ms.Tensor(state["loss_scale"], ms.float32))
+
+    def memory_stats(self) -> MemoryStats:
+        return self.device.memory_stats()
 
     def save_adapter(self, folder: Path) -> None:
         """The same formats as TorchRuntime: PEFT LoRA, or the official prefix-encoder weights."""

@@ -530,3 +530,12 @@ def compatibility(
         return False, (f"unknown: the Ascend/pytorch table pairs torch_npu {torch_npu_version} with CANN {listed}, "
                        f"not CANN {cann_version}; mismatched CANN is a common cause of `aclnn... failed` errors")
     return True, f"known-good: torch {torch_version} + torch_npu {torch_npu_version} + CANN {cann_version}"
+
+
+def doctor_lines() -> list[str]:
+    """For `tuneport doctor`: the torch / torch_npu / CANN triple and whether it is a known-compatible one."""
+    versions = stack_versions()
+    ok, message = compatibility(versions.get("torch"), versions.get("torch_npu"), versions.get("cann"))
+    return [f"  torch_npu: {versions.get('torch_npu') or 'not installed'}",
+            f"  CANN: {versions.get('cann') or 'not found'}",
+            f"  version triple: {'ok' if ok else 'PROBLEM'}: {message}"]

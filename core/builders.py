@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_tiny_config, load_tokenizer
+from ..models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_tiny_config, load_tokenizer
 
 from .config import resolve_path
 

@@ -33,13 +33,13 @@ def package_version() -> str:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or environment, printed as one line rather than a traceback."""
-    from tuneport.backends import BackendUnavailable
-    from tuneport.models.chatglm3 import CheckpointError
+    from ..backends import BackendUnavailable
+    from ..models.chatglm3 import CheckpointError
 
     from .config import RecipeError
     from .data import DataError
     from .precision import PrecisionError
-    from .torch_runtime import MethodUnavailable
+    from ..backends.torch_runtime import MethodUnavailable
     from .trainer import RunError
 
     return (RecipeError, DataError, CheckpointError, RunError, PrecisionError, MethodUnavailable,
@@ -53,22 +53,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | npu | auto (overrides the recipe)")
     p.add_argument("--framework", choices=["torch", "mindspore"], help="overrides the recipe (default torch)")
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its newest checkpoint")
-
-
-def resolve_device(name: str) -> str:
-    """`auto` is the first usable accelerator (npu, then cuda), else the CPU."""
-    if name != "auto":
-        return name
-    from tuneport.backends import BackendUnavailable, available_backends, get_backend
-
-    for candidate in ("npu", "cuda"):
-        if candidate in available_backends():
-            try:
-                get_backend(candidate)
-                return candidate
-            except BackendUnavailable:
-                continue
-    return "cpu"
 
 
 # Keys a resumed run may change: how long it runs and how often it saves and evaluates, not what it learns.
@@ -117,28 +101,6 @@ def read_recipe(args: argparse.Namespace, demo: bool):
     return recipe, resume_dir, demo, changed
 
 
-def device_for(recipe):
-    """(device name, backend) for the recipe's framework and device."""
-    from tuneport.backends import get_backend
-
-    if recipe.framework == "mindspore":
-        from tuneport.backends.mindspore import MindSporeDevice
-
-        from .distributed import launched
-        from .trainer import RunError
-
-        if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
-            raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
-                           "path (torchrun, hccl on Ascend)")
-        device = recipe.device
-        if device == "auto":
-            device = "cpu"
-            log.warning("framework mindspore: device auto means the CPU; pass --device npu for Ascend")
-        return device, MindSporeDevice(device)
-    device = resolve_device(recipe.device)
-    return device, get_backend(device)
-
-
 def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
     """What a run does with its output folder: "new", "afresh" (a run folder without progress, or an
     earlier demo) or "resume". Reads only.
@@ -172,8 +134,8 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     Returns:
         (tokenizer, train data, eval data, checkpoint to resume from or None)
     """
-    from tuneport.models.chatglm3 import load_tokenizer
-    from tuneport.models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
+    from ..models.chatglm3 import load_tokenizer
+    from ..models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
 
     from . import checkpoints, trainer
     from .builders import builder_config
@@ -274,12 +236,12 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
             lock = rundir.RunLock(resume_dir)  # before its checkpoints are read: no other run may change them
         # Everything that can be wrong with the inputs is checked before anything is written.
         action = folder_action(output_dir, resume_dir is not None, demo)
-        device, backend, precision = plan_device(recipe)
+        choice, precision = plan_device(recipe)
+        device, backend = choice.device_name, choice.device
         tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir, precision)
 
         backend.setup()
-        use_mindspore = recipe.framework == "mindspore"
-        dist = Dist() if use_mindspore else init_distributed(backend.capabilities.dist_backend, backend.device,
+        dist = Dist() if recipe.framework == "mindspore" else init_distributed(backend.capabilities.dist_backend, backend.device,
                                                          process_group_alone=bool(recipe.deepspeed))
         backend.set_device(dist.local_rank)
 
@@ -295,11 +257,11 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         dist.barrier()  # every process has checked the folder before the first one writes to it
         trainer.all_ok(dist, claim, f"output folder {output_dir}")
         model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
-        runtime = build_runtime(recipe, backend, precision, model_dir, dist)
+        runtime = choice.build(recipe, precision, model_dir, dist)
         start = trainer.restore(runtime, resume_from) if resume_from else None
         if resume_dir is not None and dist.is_main:
             record_resume(output_dir, recipe, changed, record)
-        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, backend, start)
+        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, start)
     except BaseException as e:
         if not in_process_group():
             raise
@@ -324,14 +286,15 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
 
 
 def plan_device(recipe):
-    """(device name, backend, precision plan) for the recipe, with its DeepSpeed settings checked."""
+    """(framework and device choice, precision plan) for the recipe, with its DeepSpeed settings checked."""
     from . import trainer
     from .config import resolve_path
     from .distributed import launched
     from .precision import resolve_precision
+    from .runtime import get_runtime
 
-    device, backend = device_for(recipe)
-    precision = resolve_precision(recipe.precision, device, backend.capabilities)
+    choice = get_runtime(recipe.framework, recipe.device)
+    precision = resolve_precision(recipe.precision, choice.device_name, choice.device.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
         raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
     if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
@@ -341,18 +304,7 @@ def plan_device(recipe):
     if recipe.deepspeed and not launched():
         raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
                                "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
-    return device, backend, precision
-
-
-def build_runtime(recipe, backend, precision, model_dir: Path, dist):
-    """The framework's runtime for the recipe: TorchRuntime, or MindSporeRuntime with --framework mindspore."""
-    if recipe.framework == "mindspore":
-        from tuneport.backends.mindspore import MindSporeRuntime
-
-        return MindSporeRuntime(recipe, backend, precision, model_dir, dist)
-    from .torch_runtime import TorchRuntime
-
-    return TorchRuntime(recipe, backend, precision, model_dir, dist)
+    return choice, precision
 
 
 def show_answers(runtime, tokenizer, train_data_path: str, count: int = 3) -> None:
@@ -395,18 +347,22 @@ def run_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from tuneport.models.chatglm3 import load_tokenizer
-    from tuneport.models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
+    from ..backends import pick_backend
+    from ..models.chatglm3 import load_tokenizer
+    from ..models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
 
-    from .torch_runtime import load_tuned_model
+    from ..backends.torch_runtime import load_tuned_model
     from .trainer import RunError
 
     if args.max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
-    device = resolve_device(args.device)
+    try:
+        _, backend = pick_backend(args.device)
+    except ValueError as e:
+        raise RunError(f"--device: {e}") from None
     tokenizer = load_tokenizer(args.model)
     check_vocabulary(tokenizer, check_checkpoint(args.model)[0], args.model, args.model)
-    model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, device=device)
+    model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, backend)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(query: str) -> str:
@@ -459,7 +415,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from tuneport.models.chatglm3.checkpoint import convert_to_safetensors
+    from ..models.chatglm3.checkpoint import convert_to_safetensors
 
     convert_to_safetensors(Path(args.source), Path(args.destination))
     print(f"wrote {args.destination}")

@@ -224,7 +224,6 @@ def _check_values(r: Recipe) -> list[str]:
     choice("train.scheduler", r.train.scheduler, SCHEDULERS)
     choice("precision", r.precision, PRECISIONS)
     choice("framework", r.framework, FRAMEWORKS)
-    choice("device", r.device.split(":")[0], ("auto", "cpu", "cuda", "npu"))
     if (r.train.max_steps is None) == (r.train.epochs is None):
         found.append("train.max_steps / train.epochs: give exactly one of them (the other null)")
     for name, value in [("method.r", r.method.r), ("method.num_virtual_tokens", r.method.num_virtual_tokens),

@@ -28,7 +28,9 @@ def _gib(n: int) -> str:
 
 def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     """Lines of the report for `device` under `framework`, and whether it is usable."""
-    from tuneport.backends import BackendUnavailable, get_backend
+    from ..backends import BackendUnavailable, doctor_lines
+    from .config import RecipeError
+    from .runtime import get_runtime
 
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]
@@ -38,38 +40,22 @@ def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     lines.append(f"device {device} ({framework}):")
     usable = True
     try:
+        backend = get_runtime(framework, device).device
         if framework == "mindspore":
-            from tuneport.backends.mindspore import MindSporeDevice
-
-            backend = MindSporeDevice(device)
             lines.append(f"  mindspore {_version('mindspore')} with numpy {_version('numpy')} (MindSpore needs numpy<2): ok")
-        else:
-            backend = get_backend(device)
         caps = backend.capabilities
         for key, value in asdict(caps).items():
             lines.append(f"  {key}: {_gib(value) if key == 'memory_total' else value}")
         lines.append(f"  memory in use by this process: {_gib(backend.memory_stats().allocated)}")
-    except (BackendUnavailable, ValueError) as e:
+    except (BackendUnavailable, RecipeError, ValueError) as e:
         usable = False
         lines.append(f"  NOT USABLE: {e}")
-    if device == "npu":
-        lines += npu_stack_lines()
+    lines += doctor_lines(device.split(":")[0])
     lines.append("")
     lines.append("environment:")
     for name in ENV_VARS:
         lines.append(f"  {name}={os.environ[name]}" if name in os.environ else f"  {name} (unset)")
     return lines, usable
-
-
-def npu_stack_lines() -> list[str]:
-    """The torch / torch_npu / CANN triple and whether it is a known-compatible one."""
-    from tuneport.backends.npu import compatibility, stack_versions
-
-    versions = stack_versions()
-    ok, message = compatibility(versions.get("torch"), versions.get("torch_npu"), versions.get("cann"))
-    return [f"  torch_npu: {versions.get('torch_npu') or 'not installed'}",
-            f"  CANN: {versions.get('cann') or 'not found'}",
-            f"  version triple: {'ok' if ok else 'PROBLEM'}: {message}"]
 
 
 def run(device: str, framework: str = "torch") -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tuneport.backends import Capabilities
+from ..backends import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class PrecisionPlan:
 def resolve_precision(requested: str, device: str, caps: Capabilities) -> PrecisionPlan:
     """Decide the compute precision for `requested` on `device` with capabilities `caps`.
 
-    auto: fp32 on the CPU (bf16 there is slower on most CPUs and only asked for explicitly); bf16 where
+    auto: fp32 where the device prefers it (the CPU: bf16 there is slower and only asked for explicitly); bf16 where
     the device supports it; otherwise fp16 with dynamic loss scaling, with a warning.
 
     Raises:
@@ -45,8 +45,8 @@ def resolve_precision(requested: str, device: str, caps: Capabilities) -> Precis
         if not caps.fp16:
             raise PrecisionError(f"precision: fp16 is not supported on {name} ({device}); use precision=auto")
         plan = PrecisionPlan("fp16", True, "fp16 requested; dynamic loss scaling on")
-    elif device == "cpu":
-        plan = PrecisionPlan("fp32", False, "auto on the CPU: fp32")
+    elif caps.prefers_fp32:
+        plan = PrecisionPlan("fp32", False, f"auto on {name}: fp32")
     elif caps.bf16:
         plan = PrecisionPlan("bf16", False, f"auto: {name} supports bf16")
     elif caps.fp16:

@@ -29,6 +29,7 @@ from . import checkpoints
 from .config import BUILDERS, Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
 from .rundir import atomic_write_text
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -409,12 +410,11 @@ def check_finite(step: int, loss: float, grad_norm: float, runtime, recipe: Reci
 
 def train(
     recipe: Recipe,
-    runtime,
+    runtime: Runtime,
     tokenizer,
     train_data: EncodedData,
     eval_data: Optional[EncodedData],
     output_dir: Path,
-    backend,
     start: Optional[tuple[int, Position]] = None,
     on_step: Optional[Callable[[dict], None]] = None,
 ) -> list[dict]:
@@ -460,7 +460,7 @@ def train(
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
-                          "peak_memory": backend.memory_stats().peak}
+                          "peak_memory": runtime.memory_stats().peak}
                 if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
                     record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
                 if metrics:

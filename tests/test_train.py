@@ -16,7 +16,7 @@ from tuneport.backends import get_backend
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe
 from tuneport.core.precision import resolve_precision
-from tuneport.core.torch_runtime import TorchRuntime, load_tuned_model
+from tuneport.backends.torch_runtime import TorchRuntime, load_tuned_model
 from tuneport.core.trainer import label_tokens
 from tuneport.models.chatglm3 import load_model
 
@@ -245,7 +245,7 @@ def test_qlora_without_4bit_kernels_is_a_clear_error(tmp_path, golden):
     from dataclasses import replace
 
     from tuneport.backends.cpu import CPUBackend
-    from tuneport.core.torch_runtime import MethodUnavailable
+    from tuneport.backends.torch_runtime import MethodUnavailable
 
     class NoBitsAndBytes(CPUBackend):  # stands in for a device without 4-bit kernels
         @property
@@ -308,7 +308,7 @@ def test_every_shipped_recipe_validates(path):
 def test_more_bad_inputs_are_one_line_errors(tmp_path, capsys):
     """Each mistake ends with exit 2 and one `error:` line; a start that failed can simply be rerun."""
     cases = {
-        "device=gpu": "device: 'gpu' is not one of auto, cpu, cuda, npu",
+        "device=gpu": "device: unknown device 'gpu'; expected one of: auto, cpu, cuda, npu",
         "method.target_modules=[dense": "is not valid YAML",
         "deepspeed=builtin:deepspeed/missing.json": "deepspeed: builtin:deepspeed/missing.json: file not found",
         "method.target_modules=[qkv]": "method.target_modules: ['qkv']",

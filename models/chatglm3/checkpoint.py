@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tuneport.backends import get_backend
+from ...backends import Backend, get_backend
 
 from .config import ChatGLM3Config
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
@@ -217,8 +217,9 @@ def check_checkpoint(path: Union[str, Path], **config_overrides) -> tuple[ChatGL
 
 def load_model(
     path: Union[str, Path],
-    device: str = "cpu",
+    backend: Union[str, Backend] = "cpu",
     dtype: Union[None, str, torch.dtype] = None,
+    device_index: int = 0,
     **config_overrides,
 ) -> ChatGLMForConditionalGeneration:
     """Load an official ChatGLM3 checkpoint folder onto a device.
@@ -230,9 +231,11 @@ def load_model(
     Args:
         path: folder with config.json and model(-0000N-of-0000M).safetensors or
             pytorch_model(-0000N-of-0000M).bin (with their index json when sharded).
-        device: backend name ("cpu", ...) whose device and kernels the model uses.
+        backend: the run's Backend, whose device and kernels the model uses; or a device name ("cpu",
+            "cuda:1"), for which one is made.
         dtype: floating dtype to cast weights to (torch dtype or name; None is float32, "auto" the
             checkpoint's).
+        device_index: which of the backend's devices (this process's local rank); a name's ":N" wins.
         **config_overrides: config keys to change, e.g. pre_seq_len=128.
 
     Returns:
@@ -241,9 +244,13 @@ def load_model(
     Raises:
         CheckpointError: no weights, missing or unexpected keys, wrong shapes, or a damaged file.
     """
+    if "device" in config_overrides:  # the argument's name before backends were passed in
+        raise TypeError("load_model: give the device as backend=, e.g. load_model(path, backend='cuda:0')")
     config, files, optional = check_checkpoint(path, **config_overrides)
-    backend = get_backend(device)
-    target = backend.device(int(device.split(":", 1)[1]) if ":" in device else 0)
+    if isinstance(backend, str):
+        name, _, index = backend.partition(":")
+        backend, device_index = get_backend(name), int(index) if index else device_index
+    target = backend.device(device_index)
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)

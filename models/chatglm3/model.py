@@ -23,8 +23,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tuneport.backends.base import Kernels
-from tuneport.backends.reference import REFERENCE_KERNELS
+from ...backends.base import Kernels
+from ...backends.reference import REFERENCE_KERNELS
 
 from .config import ChatGLM3Config
 

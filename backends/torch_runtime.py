@@ -20,14 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneport.backends import Backend
-from tuneport.models.chatglm3 import CheckpointError, load_model
-from tuneport.models.chatglm3.checkpoint import read_json
-
-from .checkpoints import torch_save
-from .config import Recipe, model_overrides, resolve_path
-from .distributed import Dist
-from .precision import PrecisionPlan
+from ..core.checkpoints import torch_save
+from ..core.config import Recipe, model_overrides, resolve_path
+from ..core.distributed import Dist
+from ..core.precision import PrecisionPlan
+from ..models.chatglm3 import CheckpointError, load_model
+from ..models.chatglm3.checkpoint import read_json
+from .base import Backend, MemoryStats
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ class TorchRuntime:
         # Frozen base weights may live in the compute dtype; trained weights stay in float32.
         base_dtype = torch.float32 if method.name == "full" else self.compute_dtype
         overrides = model_overrides(method)
-        model = load_model(self.model_dir, device=f"{self.backend.name}:{self.dist.local_rank}", dtype=base_dtype,
+        model = load_model(self.model_dir, self.backend, dtype=base_dtype, device_index=self.dist.local_rank,
                            **overrides)
         if self.recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -305,6 +304,9 @@ class TorchRuntime:
         else:
             self.model.save_pretrained(folder)
 
+    def memory_stats(self) -> MemoryStats:
+        return self.backend.memory_stats()
+
     # --- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
@@ -321,23 +323,24 @@ class TorchRuntime:
             self.model.train()
 
 
-def load_tuned_model(base: Path, adapter: Optional[Path], device: str = "cpu", dtype=None) -> nn.Module:
-    """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat).
+def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=None) -> nn.Module:
+    """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat), on
+    `backend` (a Backend, or a device name).
 
     Raises:
         CheckpointError: the adapter folder is missing, is not a tuned result, is damaged, or was tuned
             from another base model (its shapes or layers do not fit).
     """
     if adapter is None:
-        return load_model(base, device=device, dtype=dtype)
+        return load_model(base, backend, dtype=dtype)
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
     if (adapter / "config.json").exists():
-        return load_model(adapter, device=device, dtype=dtype)  # a full fine-tune is a checkpoint folder
+        return load_model(adapter, backend, dtype=dtype)  # a full fine-tune is a checkpoint folder
     if (adapter / PREFIX_CONFIG).exists():
         config = read_json(adapter / PREFIX_CONFIG)
-        model = load_model(base, device=device, dtype=dtype, **config)
+        model = load_model(base, backend, dtype=dtype, **config)
         weights = _adapter_weights(adapter / PREFIX_WEIGHTS)
         shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith("transformer.prefix_encoder.")}
         if {n: tuple(t.shape) for n, t in weights.items()} != shapes:
@@ -351,7 +354,7 @@ def load_tuned_model(base: Path, adapter: Optional[Path], device: str = "cpu", d
     from peft import PeftModel
 
     trained_on = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or "?"
-    model = load_model(base, device=device, dtype=dtype)
+    model = load_model(base, backend, dtype=dtype)
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target layers missing in this model

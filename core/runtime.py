@@ -1,0 +1,139 @@
+"""The framework interface: what the training loop needs from a framework, and the one place a
+framework is chosen.
+
+Two interfaces meet here. A **Backend** (`backends/base.py`) is a device as torch sees it; a
+**Runtime** is a model, its tuning method and its optimizer inside one framework. `TorchRuntime`
+(`backends/torch_runtime.py`, on any Backend) and `MindSporeRuntime` (`backends/mindspore.py`, on a
+`MindSporeDevice`) implement the protocol side by side; `core/trainer.py` is typed against it only.
+`get_runtime(framework, device)` returns what a run needs to start one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from ..backends.base import MemoryStats
+from .config import Recipe
+from .distributed import Dist
+from .precision import PrecisionPlan
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(Protocol):
+    """One model, one tuning method, one optimizer, in one framework, on one device.
+
+    A runtime is made by its framework's `build(recipe, device, precision, model_dir, dist)`: that
+    loads the base model from the official checkpoint folder `model_dir` and attaches the recipe's
+    method (its trainable weights start from the recipe's seed). Batches are numpy arrays
+    (`input_ids`, `labels`, `attention_mask`); the runtime moves them to its device.
+
+    Attributes:
+        recipe: the validated recipe.
+        precision: the resolved precision plan (compute dtype, loss scaling).
+        dist: this process's place in a data-parallel job.
+    """
+
+    recipe: Recipe
+    precision: PrecisionPlan
+    dist: Dist
+
+    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int, boundary: bool = True) -> float:
+        """Add this micro-batch's gradients, its loss summed over label tokens and divided by `num_items`
+        (the label tokens of the whole optimizer step, over all processes); `boundary` marks the step's
+        last micro-batch. Returns this micro-batch's share of the step's loss."""
+
+    def optimizer_step(self, lr: float, grad_clip: float | None) -> float:
+        """Apply the accumulated gradients at learning rate `lr` (clipped to `grad_clip`), clear them,
+        and return the gradient norm before clipping."""
+
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of token losses, number of label tokens) of one batch, without training."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write what continuing bit for bit needs (trained weights, optimizer, loss scale, random
+        generators) into `folder`. Called on every process; shared files come from rank 0."""
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what `save_state` wrote."""
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the tuned result in its portable format (a PEFT adapter for LoRA)."""
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
+        """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""
+
+    def memory_stats(self) -> MemoryStats:
+        """The device's memory use (allocated, reserved, peak bytes)."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """What `get_runtime` chose: the framework, the device's name and object (a Backend for torch, a
+    MindSporeDevice for MindSpore: both have `capabilities`, `setup`, `set_device`, `device` and
+    `memory_stats`), and `build(recipe, precision, model_dir, dist) -> Runtime`."""
+
+    framework: str
+    device_name: str
+    device: Any
+    build: Callable[[Recipe, PrecisionPlan, Path, Dist], Runtime]
+
+
+def _torch(device: str) -> RuntimeChoice:
+    from ..backends import pick_backend
+    from .config import RecipeError
+
+    try:
+        name, backend = pick_backend(device)
+    except ValueError as e:
+        raise RecipeError(f"device: {e}") from None
+
+    def build(recipe: Recipe, precision: PrecisionPlan, model_dir: Path, dist: Dist) -> Runtime:
+        from ..backends.torch_runtime import TorchRuntime
+
+        return TorchRuntime(recipe, backend, precision, model_dir, dist)
+
+    return RuntimeChoice("torch", name, backend, build)
+
+
+def _mindspore(device: str) -> RuntimeChoice:
+    from ..backends.mindspore import MindSporeDevice, MindSporeRuntime
+    from .distributed import launched
+    from .trainer import RunError
+
+    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
+        raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
+                       "path (torchrun, hccl on Ascend)")
+    if device == "auto":
+        device = "cpu"
+        log.warning("framework mindspore: device auto means the CPU; pass --device npu for Ascend")
+    ms_device = MindSporeDevice(device)
+
+    def build(recipe: Recipe, precision: PrecisionPlan, model_dir: Path, dist: Dist) -> Runtime:
+        return MindSporeRuntime(recipe, ms_device, precision, model_dir, dist)
+
+    return RuntimeChoice("mindspore", device, ms_device, build)
+
+
+# The framework registry: each entry imports its framework only when chosen.
+FRAMEWORKS: dict[str, Callable[[str], RuntimeChoice]] = {"torch": _torch, "mindspore": _mindspore}
+
+
+def get_runtime(framework: str, device: str) -> RuntimeChoice:
+    """Choose the framework and its device: the one place a run picks either.
+
+    Raises:
+        RecipeError: an unknown framework or device name.
+        BackendUnavailable: the device or the framework is not usable here (the message names the fix).
+    """
+    from .config import RecipeError
+
+    if framework not in FRAMEWORKS:
+        raise RecipeError(f"framework: {framework!r} is not one of {', '.join(FRAMEWORKS)}")
+    return FRAMEWORKS[framework](device)
