@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.config import model_overrides
+from ..core.methods import model_overrides
 
 from .base import BackendUnavailable, Capabilities, MemoryStats
 

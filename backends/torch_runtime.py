@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.checkpoints import torch_save
-from ..core.config import Recipe, model_overrides, resolve_path
+from ..core.config import Recipe, resolve_path
+from ..core.methods import model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
 from ..models.chatglm3 import CheckpointError, load_model

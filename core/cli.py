@@ -139,7 +139,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
 
     from . import checkpoints, trainer
     from .builders import builder_config
-    from .config import model_overrides
+    from .methods import model_overrides
 
     if recipe.model in trainer.BUILDERS:
         if not recipe.tokenizer:

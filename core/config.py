@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-METHODS = ("lora", "ptuning_v2", "qlora", "full")
+from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
+
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,22 +29,11 @@ FRAMEWORKS = ("torch", "mindspore")
 BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
 
 
+log = logging.getLogger(__name__)
+
+
 class RecipeError(ValueError):
     """A recipe with problems; the message lists every one of them."""
-
-
-@dataclass
-class MethodConfig:
-    name: str = "lora"  # lora | ptuning_v2 | qlora | full
-    r: int = 8  # LoRA rank (lora, qlora)
-    alpha: float = 32  # LoRA scaling numerator: updates are scaled by alpha / r
-    dropout: float = 0.1  # LoRA dropout
-    target_modules: list[str] = field(default_factory=lambda: ["query_key_value"])
-    num_virtual_tokens: int = 128  # P-tuning v2 prefix length
-    prefix_projection: bool = False  # P-tuning v2 prefix through a 2-layer MLP
-    quant_type: str = "nf4"  # QLoRA 4-bit type: nf4 | fp4
-    double_quant: bool = True  # QLoRA: quantize the quantization constants too
-    init_from: Optional[str] = None  # LoRA: start from this PEFT adapter folder instead of a fresh one
 
 
 @dataclass
@@ -85,7 +76,7 @@ class SaveConfig:
 class Recipe:
     model: str = ""  # official checkpoint folder, or a builder name (see BUILDERS)
     tokenizer: Optional[str] = None  # tokenizer.model or its folder; default: the model's
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=LoraConfig)  # one of methods.METHODS, chosen by method.name
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -95,13 +86,6 @@ class Recipe:
     device: str = "auto"  # auto | cpu | cuda | npu
     framework: str = "torch"  # torch | mindspore
     deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
-
-
-def model_overrides(method: MethodConfig) -> dict:
-    """Config keys a method changes in the base model (P-tuning v2 adds a prefix encoder)."""
-    if method.name == "ptuning_v2":
-        return dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
-    return {}
 
 
 BUILDERS = ("demo",)  # model names that build a model instead of loading a folder
@@ -189,6 +173,11 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(names)}"
             problems.append(f"{where}: unknown key; {hint}")
+        elif cls is Recipe and key == "method":
+            if isinstance(value, dict):
+                kwargs[key] = _build_method(value, problems)
+            else:
+                problems.append(f"{where}: {value!r} must be a section of keys")
         elif dataclasses.is_dataclass(hints[key]):
             if isinstance(value, dict):
                 kwargs[key] = _build(hints[key], value, f"{where}.", problems)
@@ -199,6 +188,22 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
         else:
             kwargs[key] = _coerce(value, hints[key])
     return cls(**kwargs)
+
+
+def _build_method(values: dict, problems: list[str]) -> MethodConfig:
+    """The config of the method `values["name"]` names (lora by default) from its own keys."""
+    name = values.get("name", "lora")
+    if name not in METHODS:
+        problems.append(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
+        return LoraConfig()
+    own = method_fields(name)
+    mine = {k: v for k, v in values.items() if k in own or not foreign_default(k, v, name)}
+    for key in [k for k in mine if k not in own]:
+        other = [m for m in METHODS if key in method_fields(m)]
+        if other:  # e.g. `method.name=ptuning_v2` over a LoRA recipe: its LoRA keys do not apply
+            log.warning("method.%s: ignored; it belongs to method %s, not %s", key, " or ".join(other), name)
+            del mine[key]
+    return _build(METHODS[name].config, mine, "method.", problems)
 
 
 def _check_values(r: Recipe) -> list[str]:
@@ -218,16 +223,17 @@ def _check_values(r: Recipe) -> list[str]:
                      f"({', '.join(BUILDERS)})")
     if not r.data.train:
         found.append("data.train: missing; give a JSON or JSON-lines training file")
-    choice("method.name", r.method.name, METHODS)
-    choice("method.quant_type", r.method.quant_type, ("nf4", "fp4"))
+    found += r.method.problems()
+    if r.method.name in METHODS and r.framework not in METHODS[r.method.name].frameworks:
+        found.append(f"method.name: {r.method.name} does not run with framework {r.framework}; it runs with "
+                     f"{', '.join(METHODS[r.method.name].frameworks)}")
     choice("data.format", r.data.format, FORMATS)
     choice("train.scheduler", r.train.scheduler, SCHEDULERS)
     choice("precision", r.precision, PRECISIONS)
     choice("framework", r.framework, FRAMEWORKS)
     if (r.train.max_steps is None) == (r.train.epochs is None):
         found.append("train.max_steps / train.epochs: give exactly one of them (the other null)")
-    for name, value in [("method.r", r.method.r), ("method.num_virtual_tokens", r.method.num_virtual_tokens),
-                        ("data.max_input_length", r.data.max_input_length),
+    for name, value in [("data.max_input_length", r.data.max_input_length),
                         ("data.max_output_length", r.data.max_output_length),
                         ("train.max_steps", r.train.max_steps), ("train.epochs", r.train.epochs),
                         ("train.micro_batch_size", r.train.micro_batch_size),
@@ -243,10 +249,6 @@ def _check_values(r: Recipe) -> list[str]:
             found.append(f"{name}: {value!r} must be a finite number")
     if not 0 <= r.train.seed < 2**32:
         found.append(f"train.seed: {r.train.seed!r} must be in [0, 2**32 - 1]")
-    if not 0 <= r.method.dropout < 1:
-        found.append(f"method.dropout: {r.method.dropout!r} must be in [0, 1)")
-    if r.method.name in ("lora", "qlora") and not r.method.target_modules:
-        found.append("method.target_modules: empty; name the linear layers to adapt, e.g. [query_key_value]")
     return found
 
 

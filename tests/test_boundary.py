@@ -1,16 +1,64 @@
-"""The device boundary: torch.cuda, .cuda(, torch.npu, torch_npu and mindspore appear in code only
-inside backends/ (and the MindSpore model file). Comments and strings do not count; tests are exempt
-(they name these modules to fake or skip them)."""
+"""The device boundary, checked on the import graph and calls with the AST: only backends/ (and a
+framework's own model file, models/*/mindspore.py) may import torch_npu or mindspore, reach
+torch.cuda / torch.npu / torch.backends.cuda, call `.cuda()` / `.npu()`, or name the "cuda" / "npu"
+devices in a call. Comments and strings elsewhere do not count; tests are exempt (they name these
+modules to fake or skip them)."""
 
-import io
-import tokenize
+import ast
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FORBIDDEN_NAMES = {"torch_npu", "mindspore"}
-FORBIDDEN_ATTRIBUTES = {("torch", "cuda"), ("torch", "npu")}
+FORBIDDEN_MODULES = ("torch_npu", "mindspore", "torch.cuda", "torch.npu", "torch.backends.cuda",
+                     "torch.backends.cudnn")
+DEVICE_NAMES = ("cuda", "npu")
+# Calls whose string arguments name a device or a module to import.
+DEVICE_CALLS = {"to", "device", "autocast", "set_device", "import_module", "__import__", "get_device_module"}
+
+
+def forbidden(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in FORBIDDEN_MODULES)
+
+
+def dotted(node: ast.AST) -> str:
+    """`torch.backends.cuda` for an attribute chain (empty when it is not a plain chain of names)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return ""
+
+
+def names_device(value: ast.AST) -> bool:
+    return isinstance(value, ast.Constant) and isinstance(value.value, str) and (
+        value.value.split(":")[0] in DEVICE_NAMES or forbidden(value.value))
+
+
+def violations(source: str) -> list[str]:
+    """Every boundary violation in `source`, as "line N: what"."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            found += [f"line {line}: import {a.name}" for a in node.names if forbidden(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [f"line {line}: from {node.module} import {a.name}" for a in node.names
+                      if forbidden(node.module) or forbidden(f"{node.module}.{a.name}")]
+        elif isinstance(node, ast.Attribute) and forbidden(dotted(node)) and not forbidden(dotted(node.value)):
+            found.append(f"line {line}: {dotted(node)}")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in DEVICE_NAMES and isinstance(func, ast.Attribute):
+                found.append(f"line {line}: .{name}()")
+            if name in DEVICE_CALLS and any(names_device(a) for a in node.args):
+                found.append(f"line {line}: {name}({next(a.value for a in node.args if names_device(a))!r})")
+            found += [f"line {line}: {k.arg}={k.value.value!r}" for k in node.keywords
+                      if k.arg in ("device", "device_type") and names_device(k.value)]
+    return sorted(set(found), key=lambda v: int(v.split()[1].rstrip(":")))
 
 
 def checked_files() -> list[Path]:
@@ -20,38 +68,46 @@ def checked_files() -> list[Path]:
         if top.name.startswith(".") or top.name in ("backends", "tests", "build"):
             continue
         candidates = [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
-        files += [p for p in candidates if not (p.parts[len(REPO.parts)] == "models" and "mindspore" in p.stem)]
+        files += [p for p in candidates if not (p.parts[len(REPO.parts)] == "models" and p.stem == "mindspore")]
     return files
 
 
-def violations(source: str) -> list[str]:
-    """Forbidden uses in code tokens (names and attribute chains), ignoring comments and strings."""
-    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
-              if t.type in (tokenize.NAME, tokenize.OP)]
-    found = []
-    for i, tok in enumerate(tokens):
-        line = tok.start[0]
-        after_dot = i > 0 and tokens[i - 1].string == "."  # tuneport.backends.mindspore is our own module
-        if tok.type == tokenize.NAME and tok.string in FORBIDDEN_NAMES and not after_dot:
-            found.append(f"line {line}: {tok.string}")
-        if tok.string == "." and 0 < i < len(tokens) - 1:
-            before, after = tokens[i - 1].string, tokens[i + 1].string
-            if (before, after) in FORBIDDEN_ATTRIBUTES:
-                found.append(f"line {line}: {before}.{after}")
-            if after == "cuda" and i + 2 < len(tokens) and tokens[i + 2].string == "(":
-                found.append(f"line {line}: .cuda(")
-    return found
+PLANTED = {
+    "import torch_npu": "import torch_npu",
+    "import mindspore.nn as nn": "import mindspore.nn",
+    "from mindspore import Tensor": "from mindspore import Tensor",
+    "from torch import cuda": "from torch import cuda",
+    "from torch.cuda import amp": "from torch.cuda import amp",
+    "import torch.cuda": "import torch.cuda",
+    "x = torch.cuda.is_available()": "torch.cuda",
+    "n = torch.npu.device_count()": "torch.npu",
+    "torch.backends.cuda.matmul.allow_tf32 = True": "torch.backends.cuda",
+    "y = t.cuda()": ".cuda()",
+    "y = t.npu()": ".npu()",
+    "y = t.to('cuda')": "to('cuda')",
+    "y = t.to('npu:1')": "to('npu:1')",
+    "d = torch.device('cuda', 0)": "device('cuda')",
+    "y = torch.zeros(2, device='npu')": "device='npu'",
+    "with torch.autocast('npu'): pass": "autocast('npu')",
+    "m = importlib.import_module('torch_npu')": "import_module('torch_npu')",
+    "m = __import__('mindspore')": "__import__('mindspore')",
+}
 
 
-def test_checker_catches_each_pattern():
-    code = "import torch_npu\nx = torch.cuda.is_available()\ny = t.cuda()\nz = torch.npu.device_count()\n" \
-           "from mindspore import nn\n# torch.cuda in a comment\ns = 'torch_npu in a string'\n" \
-           "from tuneport.backends.mindspore import MindSporeDevice\n"
-    assert violations(code) == ["line 1: torch_npu", "line 2: torch.cuda", "line 3: .cuda(", "line 4: torch.npu",
-                                "line 5: mindspore"]
+@pytest.mark.parametrize("code,expected", PLANTED.items(), ids=list(PLANTED))
+def test_the_checker_catches_each_planted_form(tmp_path, code, expected):
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"import importlib\nimport torch\n{code}\n")
+    assert violations(planted.read_text()) == [f"line 3: {expected}"]
 
 
-@pytest.mark.parametrize("path", checked_files(),
-                         ids=lambda p: str(p.relative_to(REPO)))
+def test_the_checker_leaves_comments_strings_and_our_own_modules_alone():
+    code = ("# torch.cuda in a comment\ns = 'torch_npu in a string'\nprint('--device cuda')\n"
+            "from ..backends.mindspore import MindSporeDevice\nfrom tuneport.backends.mindspore import x\n"
+            "y = t.to(device)\nz = torch.device('cpu')\n")
+    assert violations(code) == []
+
+
+@pytest.mark.parametrize("path", checked_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_no_device_calls_outside_backends(path):
     assert violations(path.read_text(encoding="utf-8")) == [], f"{path.relative_to(REPO)}: move these into backends/"
