@@ -98,9 +98,13 @@ class MindSporeRuntime:
     def __init__(self, recipe, device: MindSporeDevice, precision, model_dir: Path, dist):
         import mindspore as ms
 
-        from ..models.chatglm3 import mindspore as msmodel
+        from ..models import family_for
 
-        self.ms, self.msmodel = ms, msmodel
+        self.family = family_for(Path(model_dir))
+        if self.family.mindspore is None:
+            raise BackendUnavailable(f"model type {self.family.model_type} has no MindSpore implementation; "
+                                     "train it with --framework torch")
+        self.ms, self.msmodel = ms, self.family.mindspore()
         self.recipe, self.device, self.precision, self.dist = recipe, device, precision, dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
@@ -132,16 +136,16 @@ class MindSporeRuntime:
                                      "use method.name=lora with --framework mindspore")
         model = mm.load_model(self.model_dir, **overrides)
         model.compute_dtype = self.compute_dtype
-        self.lora = (method.r, method.alpha, method.dropout, list(method.target_modules))
         if method.name == "lora":
+            targets = list(method.target_modules or self.family.lora_targets)
+            self.lora = (method.r, method.alpha, method.dropout, targets)
             if method.init_from:
                 config = mm.load_lora(model, method.init_from, trainable=True)
                 targets = config["target_modules"]
                 self.lora = (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                              [targets] if isinstance(targets, str) else list(targets))
             else:
-                mm.add_lora(model, method.r, method.alpha, method.dropout, list(method.target_modules),
-                            seed=self.recipe.train.seed)
+                mm.add_lora(model, method.r, method.alpha, method.dropout, targets, seed=self.recipe.train.seed)
                 for name, param in model.parameters_and_names():
                     param.requires_grad = ".lora_" in name
         elif method.name == "ptuning_v2":

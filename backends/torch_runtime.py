@@ -25,8 +25,7 @@ from ..core.config import Recipe, resolve_path
 from ..core.methods import model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
-from ..models.chatglm3 import CheckpointError, load_model
-from ..models.chatglm3.checkpoint import read_json
+from ..models import CheckpointError, family_for, read_json
 from .base import Backend, MemoryStats
 
 log = logging.getLogger(__name__)
@@ -93,6 +92,7 @@ class TorchRuntime:
         self.dist = dist
         self.method = recipe.method
         self.model_dir = Path(model_dir)
+        self.family = family_for(self.model_dir)
         self.device = backend.device(dist.local_rank)
         self.compute_dtype = DTYPES[precision.compute]
         torch.manual_seed(recipe.train.seed)  # adapter initialisation is part of the run's seed
@@ -144,8 +144,8 @@ class TorchRuntime:
         # Frozen base weights may live in the compute dtype; trained weights stay in float32.
         base_dtype = torch.float32 if method.name == "full" else self.compute_dtype
         overrides = model_overrides(method)
-        model = load_model(self.model_dir, self.backend, dtype=base_dtype, device_index=self.dist.local_rank,
-                           **overrides)
+        model = self.family.load_model(self.model_dir, self.backend, dtype=base_dtype,
+                                       device_index=self.dist.local_rank, **overrides)
         if self.recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if method.name == "full":
@@ -164,13 +164,14 @@ class TorchRuntime:
             log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
         from peft import LoraConfig, get_peft_model
 
+        targets = list(method.target_modules or self.family.lora_targets)
         config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                            target_modules=list(method.target_modules), task_type="CAUSAL_LM")
+                            target_modules=targets, task_type="CAUSAL_LM")
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as e:  # peft: no module matches target_modules
-            raise MethodUnavailable(f"method.target_modules: {list(method.target_modules)} ({e}); ChatGLM3's linear "
-                                    "layers are query_key_value, dense, dense_h_to_4h, dense_4h_to_h") from None
+            raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {self.family.model_type}'s linear "
+                                    f"layers are {', '.join(self.family.linear_layers)}") from None
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
         if method.init_from:
             from peft import set_peft_model_state_dict
@@ -180,7 +181,7 @@ class TorchRuntime:
                 result = set_peft_model_state_dict(peft_model, weights)
             except RuntimeError as e:  # shape mismatch: the adapter has another rank or targets
                 raise MethodUnavailable(f"method.init_from: {method.init_from} does not fit method.r={method.r} and "
-                                        f"method.target_modules={list(method.target_modules)}: {str(e)[:300]}") from None
+                                        f"method.target_modules={targets}: {str(e)[:300]}") from None
             if getattr(result, "unexpected_keys", None):
                 raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
                                         "match no layer of this model")
@@ -332,13 +333,14 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
         CheckpointError: the adapter folder is missing, is not a tuned result, is damaged, or was tuned
             from another base model (its shapes or layers do not fit).
     """
+    load_model = family_for(Path(base)).load_model
     if adapter is None:
         return load_model(base, backend, dtype=dtype)
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
     if (adapter / "config.json").exists():
-        return load_model(adapter, backend, dtype=dtype)  # a full fine-tune is a checkpoint folder
+        return family_for(adapter).load_model(adapter, backend, dtype=dtype)  # a full fine-tune: a checkpoint
     if (adapter / PREFIX_CONFIG).exists():
         config = read_json(adapter / PREFIX_CONFIG)
         model = load_model(base, backend, dtype=dtype, **config)

@@ -34,7 +34,7 @@ def package_version() -> str:
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or environment, printed as one line rather than a traceback."""
     from ..backends import BackendUnavailable
-    from ..models.chatglm3 import CheckpointError
+    from ..models import CheckpointError
 
     from .config import RecipeError
     from .data import DataError
@@ -134,23 +134,23 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     Returns:
         (tokenizer, train data, eval data, checkpoint to resume from or None)
     """
-    from ..models.chatglm3 import load_tokenizer
-    from ..models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
+    from ..models import builder_family, builder_names, family_for
 
     from . import checkpoints, trainer
-    from .builders import builder_config
     from .methods import model_overrides
 
-    if recipe.model in trainer.BUILDERS:
+    if recipe.model in builder_names():
         if not recipe.tokenizer:
             raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
-        model_dir, config = f"the built model {recipe.model!r}", builder_config(recipe.model)
+        family = builder_family(recipe.model)
+        model_dir, config = f"the built model {recipe.model!r}", family.builders[recipe.model][0]()
     else:
         model_dir = trainer.model_folder(recipe, Path(recipe.output_dir))
-        config, _, _ = check_checkpoint(model_dir, **model_overrides(recipe.method))
+        family = family_for(model_dir)
+        config, _, _ = family.check_checkpoint(model_dir, **model_overrides(recipe.method))
     tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
+    tokenizer = family.load_tokenizer(tokenizer_path)
+    family.check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
     train_data, eval_data = trainer.load_data(recipe, tokenizer)
     resume_from = None
     if resume_dir is not None:
@@ -348,8 +348,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from ..backends import pick_backend
-    from ..models.chatglm3 import load_tokenizer
-    from ..models.chatglm3.checkpoint import check_checkpoint, check_vocabulary
+    from ..models import family_for
 
     from ..backends.torch_runtime import load_tuned_model
     from .trainer import RunError
@@ -360,8 +359,9 @@ def run_chat(args: argparse.Namespace) -> int:
         _, backend = pick_backend(args.device)
     except ValueError as e:
         raise RunError(f"--device: {e}") from None
-    tokenizer = load_tokenizer(args.model)
-    check_vocabulary(tokenizer, check_checkpoint(args.model)[0], args.model, args.model)
+    family = family_for(Path(args.model))
+    tokenizer = family.load_tokenizer(args.model)
+    family.check_vocabulary(tokenizer, family.check_checkpoint(args.model)[0], args.model, args.model)
     model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, backend)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -415,9 +415,12 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ..models.chatglm3.checkpoint import convert_to_safetensors
+    from ..models import CheckpointError, family_for
 
-    convert_to_safetensors(Path(args.source), Path(args.destination))
+    family = family_for(Path(args.source))
+    if family.convert is None:
+        raise CheckpointError(f"{args.source}: converting {family.model_type} checkpoints is not supported")
+    family.convert(Path(args.source), Path(args.destination))
     print(f"wrote {args.destination}")
     return 0
 

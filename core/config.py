@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ..models import builder_names
 from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
@@ -74,7 +75,7 @@ class SaveConfig:
 
 @dataclass
 class Recipe:
-    model: str = ""  # official checkpoint folder, or a builder name (see BUILDERS)
+    model: str = ""  # official checkpoint folder, or a builder name (tuneport.models.builder_names())
     tokenizer: Optional[str] = None  # tokenizer.model or its folder; default: the model's
     method: MethodConfig = field(default_factory=LoraConfig)  # one of methods.METHODS, chosen by method.name
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,7 +89,6 @@ class Recipe:
     deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
 
 
-BUILDERS = ("demo",)  # model names that build a model instead of loading a folder
 
 
 def resolve_path(path: str) -> Path:
@@ -220,7 +220,7 @@ def _check_values(r: Recipe) -> list[str]:
 
     if not r.model:
         found.append("model: missing; give an official checkpoint folder or a builder name "
-                     f"({', '.join(BUILDERS)})")
+                     f"({', '.join(builder_names())})")
     if not r.data.train:
         found.append("data.train: missing; give a JSON or JSON-lines training file")
     found += r.method.problems()

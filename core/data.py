@@ -1,6 +1,6 @@
-"""Fine-tuning data: read a file, turn each record into ChatGLM3 messages, tokenise, batch.
+"""Fine-tuning data: read a file, turn each record into chat messages, tokenise, batch.
 
-Four record formats are read (one per file), all turned into the official ChatGLM3 message format
+Four record formats are read (one per file), all turned into one message format, the official ChatGLM3 one
 (THUDM/ChatGLM3 `finetune_demo/README.md`): `{"role", "content"}`, optional `"metadata"`, and `"tools"`
 on a system message.
 
@@ -34,8 +34,6 @@ ROLES = ("system", "user", "assistant", "observation")
 # ShareGPT "from" -> ChatGLM3 role; function_call is special-cased into an assistant tool call.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant",
                   "observation": "observation", "system": "system"}
-# The system prompt ChatGLM3's own tool demos put before the tool list.
-TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 IGNORE_INDEX = -100  # label with no loss, as the tokenizer's encode_conversation
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, no more
@@ -239,7 +237,8 @@ def _messages_list(record: dict) -> list:
 
 
 def _with_tools(messages: list[dict], tools: list, where: str) -> list[dict]:
-    """Put tools on the leading system message, adding one with ChatGLM3's tool prompt if needed."""
+    """Put tools on the leading system message, adding one without text if needed (the model family's
+    tokenizer then uses its own tool prompt)."""
     if not tools:
         return messages
     if messages and messages[0]["role"] == "system":
@@ -247,7 +246,7 @@ def _with_tools(messages: list[dict], tools: list, where: str) -> list[dict]:
             raise DataError(f"field {where!r} and message 1 both give tools; keep one of them")
         messages[0]["tools"] = tools
     else:
-        messages.insert(0, {"role": "system", "content": TOOLS_PROMPT, "tools": tools})
+        messages.insert(0, {"role": "system", "content": "", "tools": tools})
     return messages
 
 
@@ -387,7 +386,7 @@ def encode_dataset(
 
     Args:
         path: a JSON-array or JSON-lines file.
-        tokenizer: a ChatGLM3Tokenizer (anything with `encode_conversation`).
+        tokenizer: the model family's tokenizer (anything with `encode_conversation`).
         fmt: one of FORMATS, or "auto" to detect it from the first record (all must then match).
         max_input_length: as the official demo; samples keep max_input + max_output + 1 tokens.
         max_output_length: see max_input_length.

@@ -8,7 +8,7 @@ a method a framework lacks is refused when the recipe is read, before anything l
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 
@@ -20,7 +20,7 @@ class LoraConfig:
     r: int = 8  # rank
     alpha: float = 32  # updates are scaled by alpha / r
     dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["query_key_value"])
+    target_modules: Optional[list[str]] = None  # None: the model family's default (ChatGLM3: query_key_value)
     init_from: Optional[str] = None  # start from this PEFT adapter folder instead of a fresh one
 
     def problems(self) -> list[str]:
@@ -29,7 +29,7 @@ class LoraConfig:
             found.append(f"method.r: {self.r!r} must be > 0")
         if not 0 <= self.dropout < 1:
             found.append(f"method.dropout: {self.dropout!r} must be in [0, 1)")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             found.append("method.target_modules: empty; name the linear layers to adapt, e.g. [query_key_value]")
         return found
 

@@ -26,7 +26,8 @@ import numpy as np
 import yaml
 
 from . import checkpoints
-from .config import BUILDERS, Recipe, recipe_to_dict, resolve_path
+from ..models import builder_family, builder_names
+from .config import Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
 from .rundir import atomic_write_text
 from .runtime import Runtime
@@ -142,17 +143,16 @@ def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Pos
 # --- model folder ------------------------------------------------------------------------------------
 def model_folder(recipe: Recipe, output_dir: Path) -> Path:
     """The base model's checkpoint folder: the recipe's folder, or one a builder writes once."""
-    if recipe.model in BUILDERS:
-        from .builders import build_model_folder
-
+    if recipe.model in builder_names():
         folder = output_dir / "base_model"
         if not (folder / "config.json").exists():
-            build_model_folder(recipe.model, folder)
+            _, build = builder_family(recipe.model).builders[recipe.model]
+            build(folder)
         return folder
     folder = resolve_path(recipe.model)
     if not (folder / "config.json").exists():
         raise RunError(f"model: {recipe.model!r} is not a checkpoint folder with config.json, nor a builder name "
-                       f"({', '.join(BUILDERS)})")
+                       f"({', '.join(builder_names())})")
     return folder
 
 

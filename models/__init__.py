@@ -1,1 +1,130 @@
-"""Model definitions, one folder per family."""
+"""Model families, one folder each, found by the `model_type` in a checkpoint's config.json.
+
+core/ never imports a family's folder: it asks this registry. A family provides a `ModelFamily`:
+checkpoint validation and loading, the tokenizer (its chat template and `encode_conversation`, tool
+calls included), its default LoRA targets, the base models it can build by name, and optionally a
+MindSpore model. This module imports no framework; a family is imported only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and the fix."""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint or adapter folder; every problem is a one-line CheckpointError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the rest of tuneport needs from one model family.
+
+    Attributes:
+        model_type: the `model_type` of its config.json.
+        check_checkpoint: (folder, **config overrides) -> (config, weight files, optional tensor names);
+            validates a folder from its config and weight headers, reading no weights.
+        load_model: (folder, backend, dtype=None, device_index=0, **config overrides) -> a torch model
+            whose forward takes input_ids, attention_mask, labels, num_items_in_batch, use_cache and
+            returns an output with `.loss` and `.logits` (a transformers PreTrainedModel).
+        load_tokenizer: (folder or tokenizer file) -> a tokenizer with `encode_conversation`,
+            `build_chat_input`, `stop_token_ids`, `pad_token_id` and `decode`.
+        check_vocabulary: (tokenizer, config, tokenizer path, model path) -> None; raises CheckpointError
+            when the tokenizer makes ids past the model's embedding.
+        lora_targets: the linear layers LoRA adapts by default.
+        linear_layers: every adaptable linear layer's name (for error messages).
+        builders: base models it builds by name: name -> (config maker, folder writer).
+        convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
+        mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
+    """
+
+    model_type: str
+    check_checkpoint: Callable[..., tuple]
+    load_model: Callable[..., Any]
+    load_tokenizer: Callable[[Any], Any]
+    check_vocabulary: Callable[..., None]
+    lora_targets: tuple[str, ...]
+    linear_layers: tuple[str, ...]
+    builders: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = field(default_factory=dict)
+    convert: Optional[Callable[[Path, Path], None]] = None
+    mindspore: Optional[Callable[[], Any]] = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    factory: Callable[[], ModelFamily]  # imports the family only when called
+    builders: tuple[str, ...] = ()  # the names it builds, known without importing it
+
+
+def _chatglm3() -> ModelFamily:
+    from .chatglm3.family import family
+
+    return family()
+
+
+# The registry: a new family is one folder under models/ plus one line here (or `register_family`).
+_FAMILIES: dict[str, Entry] = {"chatglm": Entry(_chatglm3, builders=("demo",))}
+
+
+def register_family(model_type: str, factory: Callable[[], ModelFamily], builders: tuple[str, ...] = ()) -> None:
+    """Add a model family under its config.json `model_type` (for families outside this package)."""
+    _FAMILIES[model_type] = Entry(factory, builders)
+
+
+def model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def builder_names() -> list[str]:
+    """Model names that build a base model instead of loading a folder (e.g. "demo")."""
+    return sorted(name for entry in _FAMILIES.values() for name in entry.builders)
+
+
+def get_family(model_type: str) -> ModelFamily:
+    """The family registered under `model_type`.
+
+    Raises:
+        CheckpointError: no family has that model_type.
+    """
+    if model_type not in _FAMILIES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; tuneport knows: "
+                              f"{', '.join(model_types())}")
+    return _FAMILIES[model_type].factory()
+
+
+def family_for(folder: Path) -> ModelFamily:
+    """The family of the checkpoint in `folder`, from the `model_type` of its config.json.
+
+    Raises:
+        CheckpointError: no readable config.json, or a model_type no family has.
+    """
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no config.json; pass the checkpoint folder that holds it")
+    model_type = read_json(file).get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{file}: has no model_type; tuneport knows: {', '.join(model_types())}")
+    return get_family(model_type)
+
+
+def builder_family(name: str) -> ModelFamily:
+    """The family that builds the base model called `name`."""
+    for entry in _FAMILIES.values():
+        if name in entry.builders:
+            return entry.factory()
+    raise CheckpointError(f"model: {name!r} is no builder; builders: {', '.join(builder_names())}")

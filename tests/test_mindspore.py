@@ -93,7 +93,7 @@ def test_golden_prefix_logits(checkpoint, golden, cases):
 def initial_adapter(folder):
     """A fresh LoRA adapter for the demo (from the torch runtime), the common start for both frameworks."""
     recipe = load_recipe(DEMO, (f"output_dir={folder}",))
-    from tuneport.core.builders import build_model_folder
+    from tuneport.models.chatglm3.builders import build_model_folder
 
     build_model_folder("demo", folder / "base")
     backend = get_backend("cpu")

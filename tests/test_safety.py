@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneport.core.builders import build_model_folder
+from tuneport.models.chatglm3.builders import build_model_folder
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe, resolve_path
 

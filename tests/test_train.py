@@ -217,7 +217,7 @@ def test_demo_learns_and_reproduces_answers_offline(tmp_path, monkeypatch, capsy
 def test_padded_batch_gives_the_same_per_sample_losses(tmp_path):
     """Right padding with pad id and label -100 leaves every sample's token losses unchanged."""
     from tuneport.core.data import collate, encode_dataset
-    from tuneport.core.builders import build_model_folder
+    from tuneport.models.chatglm3.builders import build_model_folder
     from tuneport.models.chatglm3 import load_tokenizer
 
     build_model_folder("demo", tmp_path / "base")

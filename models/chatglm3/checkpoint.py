@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...backends import Backend, get_backend
+from .. import CheckpointError, read_json
 
 from .config import ChatGLM3Config
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
@@ -37,22 +38,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the fix."""
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:

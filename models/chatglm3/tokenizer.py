@@ -21,6 +21,9 @@ SPECIAL_TOKENS = (
 ROLES = ("system", "user", "assistant", "observation")
 
 
+# The system prompt ChatGLM3's own tool demos put before the tool list.
+TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+
 class ChatGLM3Tokenizer(PreTrainedTokenizer):
     """SentencePiece `tokenizer.model` with ChatGLM3's special tokens; pads on the left by default."""
 
@@ -127,10 +130,12 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         return [self.special_ids[f"<|{role}|>"]] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
 
     def message_ids(self, message: dict) -> list[int]:
-        """Token ids of one message dict (`role`, `content`, optional `metadata` and system `tools`)."""
+        """Token ids of one message dict (`role`, `content`, optional `metadata` and system `tools`).
+
+        A system message with tools and no text gets ChatGLM3's own tool prompt (`TOOLS_PROMPT`)."""
         content = message.get("content", "")
         if message["role"] == "system" and message.get("tools"):
-            content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+            content = (content or TOOLS_PROMPT) + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
         return self.build_single_message(message["role"], message.get("metadata", ""), content)
 
     def build_chat_input(self, query: str, history: Optional[list[dict]] = None, role: str = "user") -> BatchEncoding:

@@ -8,15 +8,19 @@ downloaded checkpoint.
 from __future__ import annotations
 
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_tiny_config, load_tokenizer
+from .checkpoint import load_tokenizer
+from .config import chatglm3_tiny_config
+from .model import ChatGLMForConditionalGeneration
 
-from .config import resolve_path
 
-DEMO_TOKENIZER = "builtin:demo/tokenizer.model"
+def demo_tokenizer() -> Path:
+    """The built-in demo's tokenizer (shipped with the recipes)."""
+    return Path(str(resources.files("tuneport.recipes").joinpath("demo/tokenizer.model")))
 
 
 def demo_config(vocab: int):
@@ -34,13 +38,13 @@ def builder_config(name: str):
     """The config of the base model called `name` ("demo"), without building it."""
     if name != "demo":
         raise ValueError(f"unknown builder {name!r}")
-    return demo_config(len(load_tokenizer(resolve_path(DEMO_TOKENIZER))))
+    return demo_config(len(load_tokenizer(demo_tokenizer())))
 
 
 def build_model_folder(name: str, folder: Path) -> None:
     """Write the base model called `name` ("demo") into `folder`, the same bytes on every machine."""
     config = builder_config(name)
-    tokenizer_file = resolve_path(DEMO_TOKENIZER)
+    tokenizer_file = demo_tokenizer()
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)  # the base model is fixed; a recipe's seed varies only the tuning
     model = ChatGLMForConditionalGeneration(config)
@@ -50,3 +54,7 @@ def build_model_folder(name: str, folder: Path) -> None:
     model.save_pretrained(tmp)
     shutil.copy(tokenizer_file, tmp / "tokenizer.model")
     tmp.rename(folder)
+
+
+def build_demo_folder(folder: Path) -> None:
+    build_model_folder("demo", folder)

@@ -1,0 +1,32 @@
+"""ChatGLM3 as a model family: what the registry in `tuneport.models` hands to the rest of tuneport."""
+
+from __future__ import annotations
+
+from .. import ModelFamily
+
+# Every linear layer of a ChatGLM3 block (the official names).
+LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _mindspore():
+    from . import mindspore
+
+    return mindspore
+
+
+def family() -> ModelFamily:
+    from . import builders
+    from .checkpoint import check_checkpoint, check_vocabulary, convert_to_safetensors, load_model, load_tokenizer
+
+    return ModelFamily(
+        model_type="chatglm",
+        check_checkpoint=check_checkpoint,
+        load_model=load_model,
+        load_tokenizer=load_tokenizer,
+        check_vocabulary=check_vocabulary,
+        lora_targets=("query_key_value",),  # the official fine-tuning demo's
+        linear_layers=LINEAR_LAYERS,
+        builders={"demo": (lambda: builders.builder_config("demo"), builders.build_demo_folder)},
+        convert=convert_to_safetensors,
+        mindspore=_mindspore,
+    )
