@@ -1,9 +1,11 @@
-"""The architecture opens without edits to core/: a device backend defined here, in tests/, is one
-class plus one registry call, and `tuneport train` trains the golden model on it."""
+"""The architecture opens without edits to core/: a device backend and a model family defined here, in
+tests/, each registered with one call, train with `tuneport train`; methods come from their registry."""
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +79,102 @@ def vars_of(recipe) -> dict:
     from tuneport.core.config import recipe_to_dict
 
     return recipe_to_dict(recipe)
+
+
+# --- a second model family, defined here -------------------------------------------------------------
+def toy_family():
+    """A toy model family for this test: two residual tanh layers over token embeddings (each position
+    predicts the next token from itself alone), registered under model_type "toygpt". It reuses the
+    ChatGLM3 tokenizer class for its chat template, as a real family may reuse any tokenizer."""
+    import torch
+    from safetensors.torch import load_file
+    from torch import nn
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    from tuneport.models import CheckpointError, ModelFamily, read_json
+    from tuneport.models.chatglm3 import load_tokenizer
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "toygpt"
+
+        def __init__(self, vocab_size=1024, hidden_size=32, num_layers=2, **kwargs):
+            super().__init__(**kwargs)
+            self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.mix = nn.Linear(width, width)
+
+    class ToyModel(PreTrainedModel, GenerationMixin):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.blocks = nn.ModuleList(Block(config.hidden_size) for _ in range(config.num_layers))
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+        def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+            h = self.embed(input_ids)
+            for block in self.blocks:
+                h = h + torch.tanh(block.mix(h))
+            logits = self.lm_head(h)
+            loss = None
+            if labels is not None:
+                token_losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                           ignore_index=-100, reduction="sum")
+                loss = token_losses / (num_items_in_batch or (labels[:, 1:] != -100).sum())
+            return CausalLMOutput(loss=loss, logits=logits)
+
+    def check_checkpoint(folder, **overrides):
+        folder = Path(folder)
+        values = {k: v for k, v in read_json(folder / "config.json").items() if k != "model_type"}
+        if not (folder / "model.safetensors").is_file():
+            raise CheckpointError(f"{folder}: no model.safetensors")
+        return ToyConfig(**values, **overrides), [folder / "model.safetensors"], []
+
+    def load_model(folder, backend, dtype=None, device_index=0, **overrides):
+        config, (weights,), _ = check_checkpoint(folder, **overrides)
+        model = ToyModel(config)
+        model.load_state_dict(load_file(weights))
+        return model.to(backend.device(device_index)).eval()
+
+    def check_vocabulary(tokenizer, config, tokenizer_path, model_path):
+        if len(tokenizer) > config.vocab_size:
+            raise CheckpointError(f"{tokenizer_path}: more tokens than {model_path} has rows")
+
+    def write_folder(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from tuneport.models.chatglm3.builders import demo_tokenizer
+
+        torch.manual_seed(0)
+        model = ToyModel(ToyConfig())
+        model.config.save_pretrained(folder)
+        save_file(model.state_dict(), folder / "model.safetensors")
+        shutil.copy(demo_tokenizer(), folder / "tokenizer.model")
+
+    family = ModelFamily(model_type="toygpt", check_checkpoint=check_checkpoint, load_model=load_model,
+                         load_tokenizer=load_tokenizer, check_vocabulary=check_vocabulary, lora_targets=("mix",),
+                         linear_layers=("mix", "lm_head"))
+    return family, write_folder
+
+
+def test_a_second_model_family_trains_with_tuneport_train(tmp_path):
+    from tuneport.models import _FAMILIES, register_family
+
+    family, write_folder = toy_family()
+    register_family("toygpt", lambda: family)  # the one registry line
+    try:
+        write_folder(tmp_path / "toy")
+        out = tmp_path / "run"
+        assert main(["train", DEMO, f"model={tmp_path / 'toy'}", "tokenizer=null", "method.target_modules=null",
+                     "train.max_steps=30", "train.lr=3e-2", f"output_dir={out}"]) == 0
+    finally:
+        _FAMILIES.pop("toygpt")
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0  # it learns
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["mix"]  # the family's default LoRA targets
