@@ -149,3 +149,46 @@ def test_doctor_reports_mindspore(capsys):
     assert main(["doctor", "--device", "cpu", "--framework", "mindspore"]) == 0
     out = capsys.readouterr().out
     assert f"mindspore {ms.__version__}" in out and "numpy<2" in out and "result: cpu is usable" in out
+
+
+TORCH_FREE = """
+import sys
+sys.modules["torch"] = None  # as if torch were not installed: `import torch` fails, find_spec says absent
+import numpy as np
+from safetensors.numpy import load_file
+from tuneport.models.chatglm3 import mindspore as msmodel
+import mindspore as ms
+ms.set_device("CPU")
+golden = sys.argv[1]
+cases = load_file(golden + "/cases.safetensors")
+model = msmodel.load_model(golden + "/checkpoint")  # the safetensors layout
+logits = model(cases["input_ids"])[0].asnumpy()
+np.testing.assert_allclose(logits[..., :1024], cases["logits_head"], atol=1e-4, rtol=1e-4)
+assert sys.modules["torch"] is None
+print("torch-free ok")
+"""
+
+
+def test_the_mindspore_path_runs_without_torch(golden):
+    """Import, load and run the MindSpore model in a process whose import of torch fails."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE, str(golden)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "torch-free ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("past_len", [0, 3])
+def test_one_set_of_mask_rules_for_both_frameworks(past_len):
+    """The torch model's masks (model.attention_mask_for) equal the framework-neutral rules MindSpore uses."""
+    from tuneport.models.chatglm3.files import attention_allowed
+    from tuneport.models.chatglm3.model import attention_mask_for
+
+    padding = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0]], dtype=bool)
+    q_len = padding.shape[1] - past_len
+    mask, causal = attention_mask_for(torch.from_numpy(padding), q_len, past_len)
+    np.testing.assert_array_equal(mask.numpy(), attention_allowed(padding, q_len, past_len))
+    assert not causal
+    assert attention_allowed(np.ones_like(padding), q_len, past_len) is None  # no padding: plainly causal
+    assert attention_mask_for(torch.ones(3, 8, dtype=torch.bool), q_len, past_len) == (None, True)

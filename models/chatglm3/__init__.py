@@ -1,46 +1,45 @@
 """ChatGLM3: config, model, tokenizer and checkpoint loading, numerically the official implementation.
 
-Importing this package registers the model with transformers' Auto classes under model_type
-"chatglm", so `AutoModelForCausalLM.from_pretrained(folder)` uses this code, never the folder's.
+Importing the torch model (`model.py`, which `load_model` does) registers it with transformers' Auto
+classes under model_type "chatglm", so `AutoModelForCausalLM.from_pretrained(folder)` uses this code,
+never the folder's. This package imports its parts lazily: the MindSpore path
+(`tuneport.models.chatglm3.mindspore`) runs without torch.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from importlib import import_module
 
-from .checkpoint import CheckpointError, load_config, load_model, load_tokenizer
-from .config import ChatGLM3Config, chatglm3_6b_config, chatglm3_tiny_config
-from .model import ChatGLMForConditionalGeneration, ChatGLMModel
-from .tokenizer import ChatGLM3Tokenizer
-
-AutoConfig.register("chatglm", ChatGLM3Config, exist_ok=True)
-AutoModel.register(ChatGLM3Config, ChatGLMForConditionalGeneration, exist_ok=True)
-AutoModelForCausalLM.register(ChatGLM3Config, ChatGLMForConditionalGeneration, exist_ok=True)
-AutoTokenizer.register(ChatGLM3Config, slow_tokenizer_class=ChatGLM3Tokenizer, exist_ok=True)
+# name -> the module of this package that defines it
+_EXPORTS = {
+    "CheckpointError": "..", "ChatGLM3Config": ".config", "chatglm3_6b_config": ".config",
+    "chatglm3_tiny_config": ".config", "ChatGLMForConditionalGeneration": ".model", "ChatGLMModel": ".model",
+    "ChatGLM3Tokenizer": ".tokenizer", "load_config": ".files", "load_model": ".checkpoint",
+    "load_tokenizer": ".files",
+}
 
 
-def chatglm3_6b(**overrides) -> ChatGLMForConditionalGeneration:
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)
+
+
+def chatglm3_6b(**overrides):
     """ChatGLM3-6B with freshly initialised weights (6,243,584,000 parameters).
 
     Build it under `torch.device("meta")` to inspect it without allocating memory.
     """
+    from .model import ChatGLMForConditionalGeneration
+    from .config import chatglm3_6b_config
+
     return ChatGLMForConditionalGeneration(chatglm3_6b_config(**overrides))
 
 
-def chatglm3_tiny(**overrides) -> ChatGLMForConditionalGeneration:
+def chatglm3_tiny(**overrides):
     """A tiny ChatGLM3-architecture model for tests and the CPU demo."""
+    from .model import ChatGLMForConditionalGeneration
+    from .config import chatglm3_tiny_config
+
     return ChatGLMForConditionalGeneration(chatglm3_tiny_config(**overrides))
 
 
-__all__ = [
-    "ChatGLM3Config",
-    "ChatGLM3Tokenizer",
-    "ChatGLMForConditionalGeneration",
-    "ChatGLMModel",
-    "CheckpointError",
-    "chatglm3_6b",
-    "chatglm3_6b_config",
-    "chatglm3_tiny",
-    "chatglm3_tiny_config",
-    "load_config",
-    "load_model",
-    "load_tokenizer",
-]
+__all__ = sorted([*_EXPORTS, "chatglm3_6b", "chatglm3_tiny"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_tokenizer
+from .files import load_tokenizer
 from .config import chatglm3_tiny_config
 from .model import ChatGLMForConditionalGeneration
 

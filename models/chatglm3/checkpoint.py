@@ -18,74 +18,16 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...backends import Backend, get_backend
-from .. import CheckpointError, read_json
-
+from .. import CheckpointError
 from .config import ChatGLM3Config
+from .files import PREFIX_ENCODER, load_config, match_weights, weight_files
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
-from .tokenizer import ChatGLM3Tokenizer
-
-# In order of preference: (index file, single file). Safetensors first: memory-mapped and no pickle.
-WEIGHT_LAYOUTS = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
-# Buffers the official checkpoints store that are recomputed from the config when absent.
-DERIVED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
-PREFIX_ENCODER = "transformer.prefix_encoder."
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:
-    """Read `config.json` of a checkpoint folder, apply `overrides`, and validate.
-
-    Raises:
-        CheckpointError: the file is missing or invalid, or the config is inconsistent (every problem listed).
-    """
-    file = Path(path) / "config.json"
-    values = read_json(file)
-    values.pop("auto_map", None)  # never point transformers at code in the folder
-    config = ChatGLM3Config(**{**values, **overrides})
-    problems = config.problems()
-    if problems:
-        raise CheckpointError(f"{file}: " + "; ".join(problems))
-    return config
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of `folder`, via the index when the checkpoint is sharded.
-
-    Raises:
-        CheckpointError: no weights, an index without a weight map, shards that are missing, or an
-            index entry that points outside the folder (checked before any shard is opened).
-    """
-    for index_name, single_name in WEIGHT_LAYOUTS:
-        index = folder / index_name
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
-            # Judged by the name alone: a shard that is a symlink (as in the Hugging Face cache) is the
-            # user's choice, but the index must not lead us out of the folder.
-            outside = [name for name in dict.fromkeys(weight_map.values()) if not isinstance(name, str)
-                       or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "")]
-            if outside:
-                raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
-                                      f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in "
-                                      f"{folder}")
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
-            return files
-        if (folder / single_name).exists():
-            return [folder / single_name]
-    expected = ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair)
-    raise CheckpointError(f"{folder}: no weights found; expected one of {expected}")
 
 
 def _unreadable(file: Path, e: BaseException) -> CheckpointError:
@@ -172,31 +114,8 @@ def check_checkpoint(path: Union[str, Path], **config_overrides) -> tuple[ChatGL
     files = weight_files(folder)
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in ChatGLMForConditionalGeneration(config).state_dict().items()}
-    found, unexpected, wrong_shape = set(), [], []
-    for file in files:
-        for name, shape in shard_shapes(file).items():
-            if name not in expected:
-                unexpected.append(name)
-            elif shape != expected[name]:
-                wrong_shape.append(f"{name} (expected {list(expected[name])}, found {list(shape)} in {file.name})")
-            else:
-                found.add(name)
-    missing = [name for name in expected if name not in found]
-    fresh_prefix = config.pre_seq_len and not any(name.startswith(PREFIX_ENCODER) for name in found)
-    optional = [n for n in missing if n in DERIVED_KEYS or (fresh_prefix and n.startswith(PREFIX_ENCODER))]
-    missing = [n for n in missing if n not in optional]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
-    if problems:
-        raise CheckpointError(
-            f"{folder}: the weights do not match config.json ({'; '.join(problems)}); "
-            "check that config.json belongs to these weights and that config overrides are right"
-        )
+    found = {name: (shape, file.name) for file in files for name, shape in shard_shapes(file).items()}
+    optional = match_weights(folder, expected, found, config)
     return config, files, optional
 
 
@@ -251,39 +170,6 @@ def load_model(
         rope.inv_freq = inv_freq.to(device=target, dtype=dtype)
     model.set_kernels(backend.kernels)
     return model.eval()
-
-
-def check_vocabulary(tokenizer: ChatGLM3Tokenizer, config: ChatGLM3Config, tokenizer_path, model_path) -> None:
-    """A tokenizer must not produce ids past the model's embedding rows.
-
-    Raises:
-        CheckpointError: naming both files and the sizes.
-    """
-    if len(tokenizer) > config.padded_vocab_size:
-        raise CheckpointError(
-            f"{tokenizer_path}: the tokenizer has {len(tokenizer)} tokens but the model in {model_path} has "
-            f"{config.padded_vocab_size} embedding rows (config.json padded_vocab_size); use the tokenizer.model "
-            "that came with the model")
-
-
-def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
-    """Load the tokenizer of a checkpoint folder (its `tokenizer.model`), or from the file itself.
-
-    Raises:
-        CheckpointError: no tokenizer.model, or a file SentencePiece cannot read.
-    """
-    path = Path(path)
-    file = path / "tokenizer.model" if path.is_dir() else path
-    if not file.exists():
-        raise CheckpointError(f"{path}: no tokenizer.model; pass the checkpoint folder or the tokenizer.model file")
-    settings: dict = {}
-    if (file.parent / "tokenizer_config.json").exists():
-        settings = read_json(file.parent / "tokenizer_config.json")
-    try:
-        return ChatGLM3Tokenizer(vocab_file=str(file), padding_side=settings.get("padding_side", "left"))
-    except (RuntimeError, OSError) as e:
-        raise CheckpointError(f"{file}: not a SentencePiece model ({e})") from None
-
 
 
 def convert_to_safetensors(source: Path, destination: Path) -> None:

@@ -16,7 +16,8 @@ def _mindspore():
 
 def family() -> ModelFamily:
     from . import builders
-    from .checkpoint import check_checkpoint, check_vocabulary, convert_to_safetensors, load_model, load_tokenizer
+    from .checkpoint import check_checkpoint, convert_to_safetensors, load_model
+    from .files import check_vocabulary, load_tokenizer
 
     return ModelFamily(
         model_type="chatglm",

@@ -21,7 +21,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from .checkpoint import DERIVED_KEYS, PREFIX_ENCODER, CheckpointError, load_config, read_json, weight_files
+from .. import CheckpointError, read_json
+from .files import (DERIVED_KEYS, PREFIX_ENCODER, attention_allowed, load_config, match_weights,
+                    peft_lora_config, weight_files)
 from .config import ChatGLM3Config
 
 PEFT_PREFIX = "base_model.model."
@@ -126,19 +128,9 @@ def attention(q, k, v, mask: Optional[np.ndarray]):
 
 
 def attention_mask_for(padding_mask: Optional[np.ndarray], q_len: int, past_len: int) -> np.ndarray:
-    """The official ChatGLM3 mask rules (see model.attention_mask_for), as [B or 1, 1, q, keys] booleans."""
-    keys = past_len + q_len
-    causal = np.tril(np.ones((q_len, keys), dtype=bool), k=past_len)
-    if padding_mask is None or padding_mask.all():
-        return causal[None, None]
-    if padding_mask.shape[1] != keys:
-        raise ValueError(f"attention_mask has {padding_mask.shape[1]} columns; expected {keys} "
-                         f"(cached tokens {past_len} + new tokens {q_len})")
-    pad = padding_mask.astype(bool)
-    allowed = causal[None] & pad[:, None, :]
-    if past_len == 0:
-        allowed = allowed | ~pad[:, :, None]
-    return allowed[:, None]
+    """The official ChatGLM3 mask rules (files.attention_allowed), as [B or 1, 1, q, keys] booleans."""
+    allowed = attention_allowed(padding_mask, q_len, past_len)
+    return np.tril(np.ones((q_len, past_len + q_len), dtype=bool), k=past_len)[None, None] if allowed is None else allowed
 
 
 class SelfAttention(nn.Cell):
@@ -360,10 +352,7 @@ def save_lora(model: nn.Cell, folder: Union[str, Path], r: int, alpha: float, dr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in lora_state(model).items()}, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True, "base_model_name_or_path": base_model,
-              "modules_to_save": None, "use_rslora": False, "use_dora": False}
+    config = peft_lora_config(r, alpha, dropout, target_modules, base_model)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -424,24 +413,15 @@ def load_model(path: Union[str, Path], **config_overrides) -> ChatGLMForConditio
     model = ChatGLMForConditionalGeneration(config)
     name_parameters(model)
     params = dict(model.parameters_and_names())
-    loaded, unexpected, wrong = set(), [], []
+    expected = {name: tuple(param.shape) for name, param in params.items()}
+    found = {}
     for file in weight_files(folder):
         for name, value in _read_weights(file):
-            if name in DERIVED_KEYS:
-                continue
-            if name not in params:
-                unexpected.append(name)
-            elif tuple(value.shape) != tuple(params[name].shape):
-                wrong.append(f"{name} (expected {list(params[name].shape)}, found {list(value.shape)})")
-            else:
+            found[name] = (tuple(value.shape), file.name)
+            if name in params and found[name][0] == expected[name]:
                 params[name].set_data(Tensor(np.asarray(value, dtype=np.float32)))
-                loaded.add(name)
-    fresh_prefix = config.pre_seq_len and not any(n.startswith(PREFIX_ENCODER) for n in loaded)
-    missing = [n for n in params if n not in loaded and not (fresh_prefix and n.startswith(PREFIX_ENCODER))]
-    problems = [f"{label}: {', '.join(items)}" for label, items in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
-    if problems:
-        raise CheckpointError(f"{folder}: the weights do not match config.json ({'; '.join(problems)})")
+    optional = match_weights(folder, expected, {n: v for n, v in found.items() if n not in DERIVED_KEYS}, config)
+    fresh_prefix = any(name.startswith(PREFIX_ENCODER) for name in optional)
     if fresh_prefix:  # as torch's default nn.Embedding init, the official prefix encoder's
         rng = np.random.default_rng(0)
         for name, param in params.items():

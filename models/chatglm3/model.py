@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -27,6 +27,7 @@ from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS
 
 from .config import ChatGLM3Config
+from .tokenizer import ChatGLM3Tokenizer
 
 
 class RMSNorm(nn.Module):
@@ -374,3 +375,11 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=-100)
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+# Registered with transformers' Auto classes: `AutoModelForCausalLM.from_pretrained(folder)` of a ChatGLM3
+# folder uses this code, never the folder's own.
+AutoConfig.register("chatglm", ChatGLM3Config, exist_ok=True)
+AutoModel.register(ChatGLM3Config, ChatGLMForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(ChatGLM3Config, ChatGLMForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(ChatGLM3Config, slow_tokenizer_class=ChatGLM3Tokenizer, exist_ok=True)

@@ -12,7 +12,6 @@ import os
 from typing import Optional
 
 import sentencepiece as spm
-import torch
 from transformers import BatchEncoding, PreTrainedTokenizer
 
 SPECIAL_TOKENS = (
@@ -154,6 +153,8 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         for message in history or []:
             ids += self.message_ids(message)
         ids += self.build_single_message(role, "", query) + [self.special_ids["<|assistant|>"]]
+        import torch  # only here: the MindSpore path encodes conversations without torch
+
         return BatchEncoding(
             {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         )

@@ -1,0 +1,164 @@
+"""ChatGLM3 checkpoint folders, framework-neutral (json, numpy, safetensors; no torch, no MindSpore):
+the layouts, config reading, the shard index (confined to the folder), weight-name and shape validation,
+the official attention-mask rules, and PEFT's LoRA adapter config. The torch and MindSpore models both
+use them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .. import CheckpointError, read_json
+from .config import ChatGLM3Config
+from .tokenizer import ChatGLM3Tokenizer
+
+# In order of preference: (index file, single file). Safetensors first: memory-mapped and no pickle.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+# Buffers the official checkpoints store that are recomputed from the config when absent.
+DERIVED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
+PREFIX_ENCODER = "transformer.prefix_encoder."
+
+
+
+def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:
+    """Read `config.json` of a checkpoint folder, apply `overrides`, and validate.
+
+    Raises:
+        CheckpointError: the file is missing or invalid, or the config is inconsistent (every problem listed).
+    """
+    file = Path(path) / "config.json"
+    values = read_json(file)
+    values.pop("auto_map", None)  # never point transformers at code in the folder
+    config = ChatGLM3Config(**{**values, **overrides})
+    problems = config.problems()
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of `folder`, via the index when the checkpoint is sharded.
+
+    Raises:
+        CheckpointError: no weights, an index without a weight map, shards that are missing, or an
+            index entry that points outside the folder (checked before any shard is opened).
+    """
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        index = folder / index_name
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
+            # Judged by the name alone: a shard that is a symlink (as in the Hugging Face cache) is the
+            # user's choice, but the index must not lead us out of the folder.
+            outside = [name for name in dict.fromkeys(weight_map.values()) if not isinstance(name, str)
+                       or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "")]
+            if outside:
+                raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
+                                      f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in "
+                                      f"{folder}")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
+            return files
+        if (folder / single_name).exists():
+            return [folder / single_name]
+    expected = ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair)
+    raise CheckpointError(f"{folder}: no weights found; expected one of {expected}")
+
+
+def match_weights(folder: Path, expected: dict[str, tuple], found: dict[str, tuple[tuple, str]],
+                  config: ChatGLM3Config) -> list[str]:
+    """Check the tensors a checkpoint holds against the model's.
+
+    Args:
+        folder: the checkpoint folder (for the message).
+        expected: the model's tensor names and shapes.
+        found: the checkpoint's tensor names -> (shape, file name).
+        config: the model's config (a P-tuning prefix encoder may start fresh).
+
+    Returns:
+        The expected names the checkpoint may lack: buffers recomputed from the config, and a prefix
+        encoder that starts fresh.
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or shape mismatches, all listed.
+    """
+    unexpected = [name for name in found if name not in expected]
+    wrong = [f"{name} (expected {list(expected[name])}, found {list(shape)} in {file})"
+             for name, (shape, file) in found.items() if name in expected and tuple(shape) != tuple(expected[name])]
+    fresh_prefix = config.pre_seq_len and not any(name.startswith(PREFIX_ENCODER) for name in found)
+    missing = [name for name in expected if name not in found]
+    optional = [n for n in missing if n in DERIVED_KEYS or (fresh_prefix and n.startswith(PREFIX_ENCODER))]
+    missing = [n for n in missing if n not in optional]
+    problems = [f"{label}: {', '.join(items)}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
+    if problems:
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({'; '.join(problems)}); "
+            "check that config.json belongs to these weights and that config overrides are right")
+    return optional
+
+
+def attention_allowed(padding_mask: Optional[np.ndarray], q_len: int, past_len: int) -> Optional[np.ndarray]:
+    """The official ChatGLM3 mask rules as [batch, 1, q_len, past_len + q_len] booleans (None: plainly
+    causal, aligned to the end). With padding, real queries see the non-padded keys up to themselves;
+    when nothing precedes the input, a padded query sees every key, as the official `get_masks` does."""
+    keys = past_len + q_len
+    if padding_mask is None or padding_mask.all():
+        return None
+    if padding_mask.shape[1] != keys:
+        raise ValueError(f"attention_mask has {padding_mask.shape[1]} columns; expected {keys} "
+                         f"(cached tokens {past_len} + new tokens {q_len})")
+    pad = padding_mask.astype(bool)
+    allowed = np.tril(np.ones((q_len, keys), dtype=bool), k=past_len)[None] & pad[:, None, :]
+    if past_len == 0:
+        allowed = allowed | ~pad[:, :, None]
+    return allowed[:, None]
+
+
+def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], base_model: str = "") -> dict:
+    """The adapter_config.json of a PEFT LoRA adapter, as peft writes it for these settings."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "base_model_name_or_path": base_model,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False}
+
+
+def check_vocabulary(tokenizer: ChatGLM3Tokenizer, config: ChatGLM3Config, tokenizer_path, model_path) -> None:
+    """A tokenizer must not produce ids past the model's embedding rows.
+
+    Raises:
+        CheckpointError: naming both files and the sizes.
+    """
+    if len(tokenizer) > config.padded_vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: the tokenizer has {len(tokenizer)} tokens but the model in {model_path} has "
+            f"{config.padded_vocab_size} embedding rows (config.json padded_vocab_size); use the tokenizer.model "
+            "that came with the model")
+
+
+def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
+    """Load the tokenizer of a checkpoint folder (its `tokenizer.model`), or from the file itself.
+
+    Raises:
+        CheckpointError: no tokenizer.model, or a file SentencePiece cannot read.
+    """
+    path = Path(path)
+    file = path / "tokenizer.model" if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(f"{path}: no tokenizer.model; pass the checkpoint folder or the tokenizer.model file")
+    settings: dict = {}
+    if (file.parent / "tokenizer_config.json").exists():
+        settings = read_json(file.parent / "tokenizer_config.json")
+    try:
+        return ChatGLM3Tokenizer(vocab_file=str(file), padding_side=settings.get("padding_side", "left"))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{file}: not a SentencePiece model ({e})") from None
