@@ -16,7 +16,8 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from .rundir import FolderError
 
@@ -223,62 +224,123 @@ def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], 
     rundir.atomic_write_text(run_json, json.dumps(history, indent=2, default=str))
 
 
-def run_train(args: argparse.Namespace, demo: bool = False) -> int:
-    from . import rundir, trainer
-    from .distributed import Dist, in_process_group, init_distributed
+@dataclass
+class RunPlan:
+    """A run, validated before anything is written: what `plan_run` makes of the command line."""
+
+    recipe: Any
+    resume_dir: Optional[Path]  # the run folder being resumed, or None for a new run
+    demo: bool
+    changed: dict  # keys a resume changes: {key: (old, new)}
+    action: str  # what happens to the output folder: "new", "afresh" or "resume"
+    choice: Any  # core.runtime.RuntimeChoice: framework, device, runtime builder
+    precision: Any  # core.precision.PrecisionPlan
+    tokenizer: Any
+    train_data: Any
+    eval_data: Any
+    resume_from: Optional[Path]  # the checkpoint a resume continues from
+    lock: Any = None  # a resumed folder's lock, taken before its checkpoints are read
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
+def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
+    """The command line to a validated run plan. Writes nothing (a resume first locks its folder, so that
+    no other run changes the checkpoints it reads)."""
+    from . import rundir
 
     recipe, resume_dir, demo, changed = read_recipe(args, demo)
-    output_dir = Path(recipe.output_dir)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    lock = None
+    lock = rundir.RunLock(resume_dir) if resume_dir is not None and int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        if resume_dir is not None and main_process:
-            lock = rundir.RunLock(resume_dir)  # before its checkpoints are read: no other run may change them
-        # Everything that can be wrong with the inputs is checked before anything is written.
-        action = folder_action(output_dir, resume_dir is not None, demo)
+        action = folder_action(Path(recipe.output_dir), resume_dir is not None, demo)
         choice, precision = plan_device(recipe)
-        device, backend = choice.device_name, choice.device
         tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir, precision)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return RunPlan(recipe, resume_dir, demo, changed, action, choice, precision, tokenizer, train_data, eval_data,
+                   resume_from, lock)
 
-        backend.setup()
-        dist = Dist() if recipe.framework == "mindspore" else init_distributed(backend.capabilities.dist_backend, backend.device,
-                                                         process_group_alone=bool(recipe.deepspeed))
-        backend.set_device(dist.local_rank)
 
-        def record() -> dict:
-            found = trainer.run_record(recipe, backend, precision, trainer.model_folder(recipe, output_dir))
-            return {**found, "world_size": dist.world_size}
+def prepare_run(plan: RunPlan):
+    """Set up the device and the process group, then claim a new run's folder (rank 0: lock, marker,
+    recipe.yaml, run.json). Returns this process's Dist."""
+    from . import trainer
+    from .distributed import Dist, init_distributed
 
-        def claim() -> None:
-            nonlocal lock
-            if dist.is_main and resume_dir is None:
-                lock = prepare_folder(output_dir, action, demo, recipe, record)
+    backend = plan.choice.device
+    backend.setup()
+    if plan.recipe.framework == "mindspore":
+        dist = Dist()
+    else:
+        dist = init_distributed(backend.capabilities.dist_backend, backend.device,
+                                process_group_alone=bool(plan.recipe.deepspeed))
+    backend.set_device(dist.local_rank)
 
-        dist.barrier()  # every process has checked the folder before the first one writes to it
-        trainer.all_ok(dist, claim, f"output folder {output_dir}")
-        model_dir = trainer.model_folder(recipe, output_dir)  # every process: the folder rank 0 made sure of
-        runtime = choice.build(recipe, precision, model_dir, dist)
-        start = trainer.restore(runtime, resume_from) if resume_from else None
-        if resume_dir is not None and dist.is_main:
-            record_resume(output_dir, recipe, changed, record)
-        records = trainer.train(recipe, runtime, tokenizer, train_data, eval_data, output_dir, start)
+    def claim() -> None:
+        if dist.is_main and plan.resume_dir is None:
+            plan.lock = prepare_folder(plan.output_dir, plan.action, plan.demo, plan.recipe,
+                                       lambda: run_record(plan, dist))
+
+    dist.barrier()  # every process has checked the folder before the first one writes to it
+    trainer.all_ok(dist, claim, f"output folder {plan.output_dir}")
+    return dist
+
+
+def run_record(plan: RunPlan, dist) -> dict:
+    from . import trainer
+
+    model_dir = trainer.model_folder(plan.recipe, plan.output_dir)
+    return {**trainer.run_record(plan.recipe, plan.choice.device, plan.precision, model_dir),
+            "world_size": dist.world_size}
+
+
+def build_run(plan: RunPlan, dist):
+    """The runtime on its model, restored from the resumed checkpoint (then the resume is recorded).
+    Returns (runtime, model folder, start or None)."""
+    from . import trainer
+
+    model_dir = trainer.model_folder(plan.recipe, plan.output_dir)  # every process: the folder rank 0 made sure of
+    runtime = plan.choice.build(plan.recipe, plan.precision, model_dir, dist)
+    start = trainer.restore(runtime, plan.resume_from) if plan.resume_from else None
+    if plan.resume_dir is not None and dist.is_main:
+        record_resume(plan.output_dir, plan.recipe, plan.changed, lambda: run_record(plan, dist))
+    return runtime, model_dir, start
+
+
+def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+    """plan, prepare, build, run: `tuneport train` (and the demo)."""
+    from . import trainer
+    from .distributed import in_process_group
+
+    plan = plan_run(args, demo)
+    try:
+        dist = prepare_run(plan)
+        runtime, model_dir, start = build_run(plan, dist)
+        records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.train_data, plan.eval_data,
+                                plan.output_dir, start)
     except BaseException as e:
         if not in_process_group():
             raise
         code = report(e)  # printed now, while the model (and DDP's reducer) is still alive
-        if lock:
-            lock.release()
+        if plan.lock:
+            plan.lock.release()
         leave_job(code)
     finally:
-        if lock:
-            lock.release()
+        if plan.lock:
+            plan.lock.release()
     if dist.is_main:
+        recipe, output_dir = plan.recipe, plan.output_dir
         losses = [r["loss"] for r in records]
-        print(f"trained {len(records)} steps ({recipe.framework}) on {device} x{dist.world_size}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        print(f"trained {len(records)} steps ({recipe.framework}) on {plan.choice.device_name} x{dist.world_size}: "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
               f"plot: {output_dir / 'loss.png'}")
-        if demo:
-            show_answers(runtime, tokenizer, train_data_path=recipe.data.train)
+        if plan.demo:
+            show_answers(runtime, plan.tokenizer, train_data_path=recipe.data.train)
             print(f"chat with it: tuneport chat --model {model_dir} --adapter {output_dir / 'adapter'}")
     if in_process_group():
         leave_job(0)
