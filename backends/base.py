@@ -145,5 +145,9 @@ class Backend(Protocol):
         """A dynamic loss scaler when training in float16, else None."""
 
 
+class MethodUnavailable(RuntimeError):
+    """The tuning method cannot run on this device or software stack; the message names the fix."""
+
+
 class BackendUnavailable(RuntimeError):
     """The requested device cannot be used here; the message says what is missing and the fix."""

@@ -54,10 +54,12 @@ class MindSporeDevice:
         reason = unavailable_reason()
         if reason:
             raise BackendUnavailable(f"framework mindspore: {reason}")
-        if device not in TARGETS:
+        kind = device.split(":", 1)[0]
+        if kind not in TARGETS:
             raise BackendUnavailable(f"framework mindspore: device {device!r} is not one of {', '.join(TARGETS)}")
-        self.name = device
-        self.target = TARGETS[device]
+        self.name = kind
+        self.target = TARGETS[kind]
+        self.index = int(device.split(":", 1)[1]) if ":" in device else None  # None: MindSpore's default card
 
     @property
     def capabilities(self) -> Capabilities:
@@ -78,7 +80,10 @@ class MindSporeDevice:
         import mindspore as ms
 
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        ms.set_device(self.target)
+        if self.index is None:
+            ms.set_device(self.target)
+        else:
+            ms.set_device(self.target, self.index)
         log.info("mindspore %s: PyNative mode on %s", ms.__version__, self.target)
 
     def set_device(self, index: int) -> None:
@@ -131,9 +136,6 @@ class MindSporeRuntime:
     def _build_model(self):
         method, mm = self.method, self.msmodel
         overrides = model_overrides(method)
-        if method.name == "qlora":
-            raise BackendUnavailable("method qlora needs bitsandbytes 4-bit kernels, which MindSpore does not have; "
-                                     "use method.name=lora with --framework mindspore")
         model = mm.load_model(self.model_dir, **overrides)
         model.compute_dtype = self.compute_dtype
         if method.name == "lora":

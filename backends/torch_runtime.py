@@ -26,17 +26,13 @@ from ..core.methods import model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
 from ..models import CheckpointError, family_for, read_json
-from .base import Backend, MemoryStats
+from .base import Backend, MemoryStats, MethodUnavailable
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-
-
-class MethodUnavailable(RuntimeError):
-    """The tuning method cannot run on this device or software stack; the message names the fix."""
 
 
 def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -325,9 +321,9 @@ class TorchRuntime:
             self.model.train()
 
 
-def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=None) -> nn.Module:
+def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=None, device_index: int = 0) -> nn.Module:
     """The base model with a tuned result from `TorchRuntime.save_adapter` applied (for chat), on
-    `backend` (a Backend, or a device name).
+    `backend` (a Backend, or a device name) and its device `device_index`.
 
     Raises:
         CheckpointError: the adapter folder is missing, is not a tuned result, is damaged, or was tuned
@@ -335,15 +331,15 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
     """
     load_model = family_for(Path(base)).load_model
     if adapter is None:
-        return load_model(base, backend, dtype=dtype)
+        return load_model(base, backend, dtype=dtype, device_index=device_index)
     adapter = Path(adapter)
     if not adapter.is_dir():
         raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
     if (adapter / "config.json").exists():
-        return family_for(adapter).load_model(adapter, backend, dtype=dtype)  # a full fine-tune: a checkpoint
+        return family_for(adapter).load_model(adapter, backend, dtype=dtype, device_index=device_index)  # a full fine-tune: a checkpoint
     if (adapter / PREFIX_CONFIG).exists():
         config = read_json(adapter / PREFIX_CONFIG)
-        model = load_model(base, backend, dtype=dtype, **config)
+        model = load_model(base, backend, dtype=dtype, device_index=device_index, **config)
         weights = _adapter_weights(adapter / PREFIX_WEIGHTS)
         shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith("transformer.prefix_encoder.")}
         if {n: tuple(t.shape) for n, t in weights.items()} != shapes:
@@ -357,7 +353,7 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
     from peft import PeftModel
 
     trained_on = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or "?"
-    model = load_model(base, backend, dtype=dtype)
+    model = load_model(base, backend, dtype=dtype, device_index=device_index)
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target layers missing in this model

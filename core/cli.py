@@ -19,6 +19,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .config import FRAMEWORKS
 from .rundir import FolderError
 
 DEMO_RECIPE = "builtin:demo.yaml"
@@ -40,7 +41,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .config import RecipeError
     from .data import DataError
     from .precision import PrecisionError
-    from ..backends.torch_runtime import MethodUnavailable
+    from ..backends.base import MethodUnavailable
     from .trainer import RunError
 
     return (RecipeError, DataError, CheckpointError, RunError, PrecisionError, MethodUnavailable,
@@ -51,8 +52,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML (default: the built-in demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
-    p.add_argument("--device", help="cpu | cuda | npu | auto (overrides the recipe)")
-    p.add_argument("--framework", choices=["torch", "mindspore"], help="overrides the recipe (default torch)")
+    p.add_argument("--device", help="auto or a registered device: cpu, cuda, npu, ... (overrides the recipe)")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="overrides the recipe (default torch)")
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its newest checkpoint")
 
 
@@ -273,11 +274,11 @@ def prepare_run(plan: RunPlan):
 
     backend = plan.choice.device
     backend.setup()
-    if plan.recipe.framework == "mindspore":
-        dist = Dist()
-    else:
+    if plan.choice.data_parallel:
         dist = init_distributed(backend.capabilities.dist_backend, backend.device,
                                 process_group_alone=bool(plan.recipe.deepspeed))
+    else:
+        dist = Dist()
     backend.set_device(dist.local_rank)
 
     def claim() -> None:
@@ -399,7 +400,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base checkpoint folder")
     p.add_argument("--adapter", help="tuned result: a PEFT adapter, a P-tuning v2 prefix folder, or a full checkpoint")
-    p.add_argument("--device", default="auto", help="cpu | cuda | npu | auto")
+    p.add_argument("--device", default="auto", help="auto or a registered device: cpu, cuda, npu, ...")
     p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     p.add_argument("--system", help="system message for the conversation")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -418,13 +419,15 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
     try:
-        _, backend = pick_backend(args.device)
+        name, backend = pick_backend(args.device)
     except ValueError as e:
         raise RunError(f"--device: {e}") from None
     family = family_for(Path(args.model))
     tokenizer = family.load_tokenizer(args.model)
     family.check_vocabulary(tokenizer, family.check_checkpoint(args.model)[0], args.model, args.model)
-    model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, backend)
+    index = int(name.partition(":")[2] or 0)
+    model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, backend,
+                             device_index=index)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(query: str) -> str:
@@ -460,8 +463,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 # --- doctor ------------------------------------------------------------------------------------------
 def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu | cuda | npu (default cpu)")
-    p.add_argument("--framework", default="torch", choices=["torch", "mindspore"])
+    p.add_argument("--device", default="cpu", help="a registered device: cpu, cuda, npu, ... (default cpu)")
+    p.add_argument("--framework", default="torch", choices=FRAMEWORKS)
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -84,11 +84,9 @@ class Recipe:
     save: SaveConfig = field(default_factory=SaveConfig)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     output_dir: str = "outputs/run"
-    device: str = "auto"  # auto | cpu | cuda | npu
+    device: str = "auto"  # auto, or a registered device: cpu, cuda, npu, ... (tuneport.backends)
     framework: str = "torch"  # torch | mindspore
     deepspeed: Optional[str] = None  # DeepSpeed JSON config (ZeRO stage etc.); batch sizes come from train
-
-
 
 
 def resolve_path(path: str) -> Path:
@@ -193,7 +191,7 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
 def _build_method(values: dict, problems: list[str]) -> MethodConfig:
     """The config of the method `values["name"]` names (lora by default) from its own keys."""
     name = values.get("name", "lora")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         problems.append(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
         return LoraConfig()
     own = method_fields(name)

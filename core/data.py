@@ -237,8 +237,8 @@ def _messages_list(record: dict) -> list:
 
 
 def _with_tools(messages: list[dict], tools: list, where: str) -> list[dict]:
-    """Put tools on the leading system message, adding one without text if needed (the model family's
-    tokenizer then uses its own tool prompt)."""
+    """Put tools on the leading system message, adding one with content None if needed (the model
+    family's tokenizer then writes its own tool prompt there)."""
     if not tools:
         return messages
     if messages and messages[0]["role"] == "system":
@@ -246,7 +246,7 @@ def _with_tools(messages: list[dict], tools: list, where: str) -> list[dict]:
             raise DataError(f"field {where!r} and message 1 both give tools; keep one of them")
         messages[0]["tools"] = tools
     else:
-        messages.insert(0, {"role": "system", "content": "", "tools": tools})
+        messages.insert(0, {"role": "system", "content": None, "tools": tools})
     return messages
 
 

@@ -30,6 +30,7 @@ def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     """Lines of the report for `device` under `framework`, and whether it is usable."""
     from ..backends import BackendUnavailable, doctor_lines
     from .config import RecipeError
+    from .trainer import RunError
     from .runtime import get_runtime
 
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
@@ -47,7 +48,7 @@ def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
         for key, value in asdict(caps).items():
             lines.append(f"  {key}: {_gib(value) if key == 'memory_total' else value}")
         lines.append(f"  memory in use by this process: {_gib(backend.memory_stats().allocated)}")
-    except (BackendUnavailable, RecipeError, ValueError) as e:
+    except (BackendUnavailable, RecipeError, RunError, ValueError) as e:
         usable = False
         lines.append(f"  NOT USABLE: {e}")
     lines += doctor_lines(device.split(":")[0])

@@ -94,9 +94,15 @@ def method_fields(name: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(METHODS[name].config)}
 
 
+# Defaults of the single method config recipes had before this registry (its resolved recipe.yaml files).
+LEGACY_DEFAULTS = {"target_modules": ["query_key_value"]}
+
+
 def foreign_default(key: str, value, own: str) -> bool:
     """Whether `key: value` is another method's field at its default: recipes written before methods had
     their own configs (every resolved recipe.yaml then) carry every field, and those are ignored."""
+    if key in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[key] and key not in method_fields(own):
+        return True
     for name in METHODS:
         found = method_fields(name).get(key)
         if name != own and found is not None:

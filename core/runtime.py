@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Runtime(Protocol):
     """One model, one tuning method, one optimizer, in one framework, on one device.
 
-    A runtime is made by its framework's `build(recipe, device, precision, model_dir, dist)`: that
+    A runtime is made by its framework's `RuntimeChoice.build(recipe, precision, model_dir, dist)`: that
     loads the base model from the official checkpoint folder `model_dir` and attaches the recipe's
     method (its trainable weights start from the recipe's seed). Batches are numpy arrays
     (`input_ids`, `labels`, `attention_mask`); the runtime moves them to its device.
@@ -76,13 +76,15 @@ class Runtime(Protocol):
 @dataclass(frozen=True)
 class RuntimeChoice:
     """What `get_runtime` chose: the framework, the device's name and object (a Backend for torch, a
-    MindSporeDevice for MindSpore: both have `capabilities`, `setup`, `set_device`, `device` and
-    `memory_stats`), and `build(recipe, precision, model_dir, dist) -> Runtime`."""
+    MindSporeDevice for MindSpore: both have `name`, `capabilities`, `setup`, `set_device`, `device` and
+    `memory_stats`), whether it trains data-parallel under torchrun, and `build(recipe, precision,
+    model_dir, dist) -> Runtime`."""
 
     framework: str
     device_name: str
     device: Any
     build: Callable[[Recipe, PrecisionPlan, Path, Dist], Runtime]
+    data_parallel: bool = True  # joins a torchrun job's process group
 
 
 def _torch(device: str) -> RuntimeChoice:
@@ -118,10 +120,11 @@ def _mindspore(device: str) -> RuntimeChoice:
     def build(recipe: Recipe, precision: PrecisionPlan, model_dir: Path, dist: Dist) -> Runtime:
         return MindSporeRuntime(recipe, ms_device, precision, model_dir, dist)
 
-    return RuntimeChoice("mindspore", device, ms_device, build)
+    return RuntimeChoice("mindspore", device, ms_device, build, data_parallel=False)
 
 
-# The framework registry: each entry imports its framework only when chosen.
+# The framework registry: each entry imports its framework only when chosen. Its names are
+# config.FRAMEWORKS (which recipes and the command line check without importing this module).
 FRAMEWORKS: dict[str, Callable[[str], RuntimeChoice]] = {"torch": _torch, "mindspore": _mindspore}
 
 

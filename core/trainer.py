@@ -3,7 +3,7 @@
 It owns the schedule, gradient accumulation (normalised by label tokens over the whole accumulated
 batch), evaluation, checkpoint cadence, exact resume, and the run's records: `recipe.yaml`,
 `metrics.jsonl`, TensorBoard events, `loss.png`, `run.json`, `checkpoints/step-N/` and `adapter/`.
-The runtime (`TorchRuntime`, later others) does the framework's part.
+The runtime (core/runtime.py: TorchRuntime or MindSporeRuntime) does the framework's part.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The device boundary, checked on the import graph and calls with the AST: only backends/ (and a
+"""The boundaries, checked on the import graph and calls with the AST. Devices: only backends/ (and a
 framework's own model file, models/*/mindspore.py) may import torch_npu or mindspore, reach
 torch.cuda / torch.npu / torch.backends.cuda, call `.cuda()` / `.npu()`, or name the "cuda" / "npu"
 devices in a call. Comments and strings elsewhere do not count; tests are exempt (they name these
-modules to fake or skip them)."""
+modules to fake or skip them). Models: core/ reaches a model family only through the registry,
+`tuneport.models`, never a family's folder."""
 
 import ast
 from pathlib import Path
@@ -111,3 +112,35 @@ def test_the_checker_leaves_comments_strings_and_our_own_modules_alone():
 @pytest.mark.parametrize("path", checked_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_no_device_calls_outside_backends(path):
     assert violations(path.read_text(encoding="utf-8")) == [], f"{path.relative_to(REPO)}: move these into backends/"
+
+
+FAMILY_FOLDERS = {p.name for p in (REPO / "models").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+
+def model_folder_imports(source: str) -> list[str]:
+    """Imports of a model family's folder (`from ..models.chatglm3 import x`, `from ..models import chatglm3`,
+    `tuneport.models.chatglm3`): core/ must ask the registry in `tuneport.models` instead."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = ("tuneport." if node.level == 2 else "") + (node.module or "")
+            if module.startswith("tuneport.models."):
+                found.append(f"line {node.lineno}: from {module}")
+            elif module == "tuneport.models":
+                found += [f"line {node.lineno}: {a.name}" for a in node.names if a.name in FAMILY_FOLDERS]
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.startswith("tuneport.models.")]
+    return found
+
+
+def test_the_model_rule_catches_each_planted_form():
+    planted = "from ..models.chatglm3 import load_model\nfrom ..models import chatglm3\nimport tuneport.models.chatglm3.model\n" \
+              "from tuneport.models.chatglm3.files import x\nfrom ..models import family_for, CheckpointError\n"
+    assert model_folder_imports(planted) == ["line 1: from tuneport.models.chatglm3", "line 2: chatglm3",
+                                             "line 3: import tuneport.models.chatglm3.model",
+                                             "line 4: from tuneport.models.chatglm3.files"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "core").glob("*.py")), ids=lambda p: p.name)
+def test_core_reaches_models_only_through_the_registry(path):
+    assert model_folder_imports(path.read_text(encoding="utf-8")) == [], f"core/{path.name}: use tuneport.models"

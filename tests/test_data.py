@@ -115,9 +115,9 @@ def test_tool_call_message_text(shared_data):
 def test_conversations_top_level_tools():
     tools = [{"name": "track"}]
     plain = {"conversations": [{"role": "user", "content": "q"}], "tools": tools}
-    # No text: the family's tokenizer supplies its tool prompt (ChatGLM3's TOOLS_PROMPT, as the
+    # Content None: the family's tokenizer supplies its tool prompt (ChatGLM3's TOOLS_PROMPT, as the
     # encoded sample in test_sharegpt_tool_calls shows).
-    assert to_messages(plain, "auto")[0] == {"role": "system", "content": "", "tools": tools}
+    assert to_messages(plain, "auto")[0] == {"role": "system", "content": None, "tools": tools}
     with_system = {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
                    "tools": tools}
     assert to_messages(with_system, "auto") == [{"role": "system", "content": "s", "tools": tools},

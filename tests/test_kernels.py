@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneport.backends import get_backend
+from tuneport.backends import available_backends, get_backend
 from tuneport.backends.reference import REFERENCE_KERNELS as ref
 
 
@@ -115,7 +115,8 @@ def test_backend_kernels_match_reference(name, kernel, qkv):
         torch.testing.assert_close(fn(*args, **kwargs), getattr(ref, kernel)(*args, **kwargs), atol=1e-5, rtol=1e-5)
 
 
-ON_DEVICE = [pytest.param(d, marks=pytest.mark.device(d)) for d in ("cuda", "npu")]
+# Every registered device (a new backend is compared as soon as it is registered); each runs only where usable.
+ON_DEVICE = [pytest.param(d, marks=pytest.mark.device(d)) for d in available_backends()]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])

@@ -59,7 +59,7 @@ def test_a_method_a_framework_lacks_is_refused_before_anything_loads(tmp_path, c
     assert not out.exists()
 
 
-def test_recipes_written_before_the_method_registry_still_load():
+def test_recipes_written_before_the_method_registry_still_load(caplog):
     """A resolved recipe.yaml of an earlier tuneport lists every method's fields under `method:`."""
     from tuneport.core.config import load_recipe
     from tuneport.core.methods import LoraConfig, PtuningV2Config
@@ -72,7 +72,9 @@ def test_recipes_written_before_the_method_registry_still_load():
         r=16, alpha=32.0, dropout=0.0, target_modules=["dense"])
     ptuning = {**earlier, "name": "ptuning_v2", "r": 8, "dropout": 0.1, "target_modules": ["query_key_value"],
                "num_virtual_tokens": 16}
+    caplog.clear()
     assert load_recipe({**vars_of(recipe), "method": ptuning}).method == PtuningV2Config(num_virtual_tokens=16)
+    assert "ignored" not in caplog.text  # the old defaults of other methods' fields pass silently
 
 
 def vars_of(recipe) -> dict:
@@ -178,3 +180,10 @@ def test_a_second_model_family_trains_with_tuneport_train(tmp_path):
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0  # it learns
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["mix"]  # the family's default LoRA targets
+
+
+def test_the_framework_names_recipes_check_are_the_registrys():
+    from tuneport.core.config import FRAMEWORKS
+    from tuneport.core.runtime import FRAMEWORKS as REGISTRY
+
+    assert tuple(REGISTRY) == FRAMEWORKS

@@ -1,12 +1,13 @@
 """ChatGLM3: config, model, tokenizer and checkpoint loading, numerically the official implementation.
 
-Importing the torch model (`model.py`, which `load_model` does) registers it with transformers' Auto
+Importing this package (where torch is installed) registers the torch model with transformers' Auto
 classes under model_type "chatglm", so `AutoModelForCausalLM.from_pretrained(folder)` uses this code,
-never the folder's. This package imports its parts lazily: the MindSpore path
-(`tuneport.models.chatglm3.mindspore`) runs without torch.
+never the folder's. Everything else is imported lazily: the MindSpore model
+(`tuneport.models.chatglm3.mindspore`) imports and runs without torch.
 """
 
 from importlib import import_module
+from importlib.util import find_spec
 
 # name -> the module of this package that defines it
 _EXPORTS = {
@@ -41,5 +42,8 @@ def chatglm3_tiny(**overrides):
 
     return ChatGLMForConditionalGeneration(chatglm3_tiny_config(**overrides))
 
+
+if find_spec("torch") is not None:
+    from . import model  # noqa: F401  (registers the Auto classes)
 
 __all__ = sorted([*_EXPORTS, "chatglm3_6b", "chatglm3_tiny"])

@@ -131,10 +131,11 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
     def message_ids(self, message: dict) -> list[int]:
         """Token ids of one message dict (`role`, `content`, optional `metadata` and system `tools`).
 
-        A system message with tools and no text gets ChatGLM3's own tool prompt (`TOOLS_PROMPT`)."""
+        A system message with tools and `content` None gets ChatGLM3's own tool prompt (`TOOLS_PROMPT`)."""
         content = message.get("content", "")
         if message["role"] == "system" and message.get("tools"):
-            content = (content or TOOLS_PROMPT) + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+            text = TOOLS_PROMPT if content is None else content
+            content = text + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
         return self.build_single_message(message["role"], message.get("metadata", ""), content)
 
     def build_chat_input(self, query: str, history: Optional[list[dict]] = None, role: str = "user") -> BatchEncoding:
