@@ -490,6 +490,26 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export --------------------------------------------------------------------------------------------
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base checkpoint folder")
+    p.add_argument("--adapter", help="a run's adapter/ folder (LoRA, P-tuning v2 or full); omit to re-export the base")
+    p.add_argument("--out", required=True, help="new folder for the merged model (official layout)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier export")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    record = export(Path(args.model), Path(args.adapter) if args.adapter else None, Path(args.out), args.dtype,
+                    args.overwrite)
+    for name, digest in record["sha256"].items():
+        print(f"{digest}  {Path(args.out) / name}")
+    print(f"wrote {args.out} ({args.dtype}); the sha256 of each file is in {Path(args.out) / 'export.json'}")
+    return 0
+
+
 # --- the table ---------------------------------------------------------------------------------------
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune with a recipe (no recipe: the built-in demo)", add_train_arguments, run_train),
@@ -497,6 +517,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "chat": ("chat with a base model and an optional tuned adapter", add_chat_arguments, run_chat),
     "doctor": ("report versions, the device and its capabilities; exit 1 with the fix if unusable",
                add_doctor_arguments, run_doctor),
+    "export": ("merge a tuned adapter into its base model and write the official checkpoint layout",
+               add_export_arguments, run_export),
     "convert": ("rewrite a checkpoint folder's weights as safetensors shards (no pickle, no torch needed to read)",
                 add_convert_arguments, run_convert),
 }

@@ -50,6 +50,8 @@ class ModelFamily:
         linear_layers: every adaptable linear layer's name (for error messages).
         builders: base models it builds by name: name -> (config maker, folder writer).
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
+        save_official: (torch model, folder) -> None, the model in the family's official checkpoint
+            layout (for `tuneport export`); optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
     """
 
@@ -62,6 +64,7 @@ class ModelFamily:
     linear_layers: tuple[str, ...]
     builders: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = field(default_factory=dict)
     convert: Optional[Callable[[Path, Path], None]] = None
+    save_official: Optional[Callable[[Any, Path], None]] = None
     mindspore: Optional[Callable[[], Any]] = None
 
 

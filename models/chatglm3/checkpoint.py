@@ -20,7 +20,7 @@ from torch import nn
 from ...backends import Backend, get_backend
 from .. import CheckpointError
 from .config import ChatGLM3Config
-from .files import PREFIX_ENCODER, load_config, match_weights, weight_files
+from .files import PREFIX_ENCODER, load_config, match_weights, official_config, weight_files
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
 
 DTYPES = {
@@ -206,3 +206,30 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
         if isinstance(e, (OSError, SafetensorError)):
             raise CheckpointError(f"{destination}: cannot be written ({e}); nothing was left there") from None
         raise
+
+
+def save_official(model: nn.Module, folder: Path, max_shard_bytes: int = 2 * 2**30) -> None:
+    """Write a torch ChatGLM3 model as the official checkpoint layout: `model-0000N-of-0000M.safetensors`
+    shards with `model.safetensors.index.json`, and config.json with exactly the official keys."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2))

@@ -16,7 +16,7 @@ def _mindspore():
 
 def family() -> ModelFamily:
     from . import builders
-    from .checkpoint import check_checkpoint, convert_to_safetensors, load_model
+    from .checkpoint import check_checkpoint, convert_to_safetensors, load_model, save_official
     from .files import check_vocabulary, load_tokenizer
 
     return ModelFamily(
@@ -29,5 +29,6 @@ def family() -> ModelFamily:
         linear_layers=LINEAR_LAYERS,
         builders={"demo": (lambda: builders.builder_config("demo"), builders.build_demo_folder)},
         convert=convert_to_safetensors,
+        save_official=save_official,
         mindspore=_mindspore,
     )

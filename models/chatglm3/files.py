@@ -20,6 +20,21 @@ WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
+# The keys of the official THUDM/chatglm3-6b config.json, and its Auto mapping to the official code.
+OFFICIAL_CONFIG_KEYS = (
+    "add_bias_linear", "add_qkv_bias", "apply_query_key_layer_scaling", "apply_residual_connection_post_layernorm",
+    "architectures", "attention_dropout", "attention_softmax_in_fp32", "auto_map", "bias_dropout_fusion",
+    "classifier_dropout", "eos_token_id", "ffn_hidden_size", "fp32_residual_connection", "hidden_dropout",
+    "hidden_size", "kv_channels", "layernorm_epsilon", "model_type", "multi_query_attention",
+    "multi_query_group_num", "num_attention_heads", "num_layers", "original_rope", "pad_token_id",
+    "padded_vocab_size", "post_layer_norm", "pre_seq_len", "prefix_projection", "quantization_bit", "rmsnorm",
+    "seq_length", "torch_dtype", "transformers_version", "use_cache", "vocab_size",
+)
+OFFICIAL_AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+}
 # Buffers the official checkpoints store that are recomputed from the config when absent.
 DERIVED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
 PREFIX_ENCODER = "transformer.prefix_encoder."
@@ -162,3 +177,12 @@ def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:
         return ChatGLM3Tokenizer(vocab_file=str(file), padding_side=settings.get("padding_side", "left"))
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{file}: not a SentencePiece model ({e})") from None
+
+
+def official_config(config: ChatGLM3Config, dtype: str) -> dict:
+    """config.json in the official form: exactly its keys, our values, `torch_dtype` the weights' dtype."""
+    values = config.to_dict()
+    fixed = {"architectures": ["ChatGLMModel"], "auto_map": OFFICIAL_AUTO_MAP, "model_type": "chatglm",
+             "torch_dtype": dtype, "transformers_version": values.get("transformers_version", "4.44.2"),
+             "quantization_bit": 0}
+    return {key: fixed[key] if key in fixed else values.get(key) for key in OFFICIAL_CONFIG_KEYS}

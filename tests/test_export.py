@@ -1,0 +1,102 @@
+"""`tuneport export`: a tuned result merged into its base and written in the official ChatGLM3 layout,
+checked against the golden vectors of the official implementation."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneport.backends.torch_runtime import load_tuned_model
+from tuneport.core.cli import main
+from tuneport.models.chatglm3 import load_model
+from tuneport.models.chatglm3.builders import build_model_folder
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+DEMO = "builtin:demo.yaml"
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def no_leftovers(folder) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@torch.no_grad()
+def test_golden_lora_export_reproduces_the_official_lora_logits(golden, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", "--model", str(golden / "checkpoint"), "--adapter", str(golden / "lora_adapter"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    cases = load_file(golden / "cases.safetensors")
+    logits = load_model(out)(cases["input_ids"]).logits
+    torch.testing.assert_close(logits[..., :1024], cases["lora_logits_head"], **TOL)
+    torch.testing.assert_close(torch.logsumexp(logits, dim=-1), cases["lora_logits_logsumexp"], **TOL)
+    official = golden / "checkpoint"
+    assert json.loads((out / "config.json").read_text()).keys() == json.loads((official / "config.json").read_text()).keys()
+    weights = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weights.keys() == json.loads((official / "model.safetensors.index.json").read_text())["weight_map"].keys()
+    record = json.loads((out / "export.json").read_text())
+    for name, digest in record["sha256"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest and f"{digest}  {out / name}" in printed
+    assert set(record["sha256"]) == {p.name for p in out.iterdir()} - {"export.json"}
+    assert no_leftovers(tmp_path)
+
+
+def test_ptuning_export_reproduces_the_runs_logits(golden, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "method.name=ptuning_v2",
+                 "method.num_virtual_tokens=4", "train.max_steps=2", "train.micro_batch_size=2",
+                 f"output_dir={run}"]) == 0
+    out = tmp_path / "merged"
+    assert main(["export", "--model", str(golden / "checkpoint"), "--adapter", str(run / "adapter"),
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["pre_seq_len"] == 4
+    ids = torch.tensor([[64790, 64792, 36474, 54591, 30910, 13]])
+    with torch.no_grad():
+        tuned = load_tuned_model(golden / "checkpoint", run / "adapter")(ids).logits
+        torch.testing.assert_close(load_model(out)(ids).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_export(golden, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["export", "--model", str(golden / "checkpoint"), "--out", str(out), "--dtype", "bf16"]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(out / "model-00001-of-00001.safetensors").values()
+               if t.is_floating_point())
+
+
+def test_bad_exports_are_one_line_and_leave_nothing(golden, tmp_path, capsys):
+    out = tmp_path / "merged"
+    args = ["export", "--model", str(golden / "checkpoint"), "--out", str(out)]
+    assert main([*args, "--adapter", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in one_error_line(capsys.readouterr().err)
+    build_model_folder("demo", tmp_path / "demo_base")  # another base: the golden adapter does not fit it
+    assert main(["export", "--model", str(tmp_path / "demo_base"), "--adapter", str(golden / "lora_adapter"),
+                 "--out", str(out)]) == 2
+    assert "does not fit the base model" in one_error_line(capsys.readouterr().err)
+    assert not out.exists() and no_leftovers(tmp_path)
+
+    assert main(args) == 0
+    first = (out / "export.json").read_bytes()
+    assert main(args) == 2
+    assert "already exists" in one_error_line(capsys.readouterr().err)
+    assert (out / "export.json").read_bytes() == first
+    assert main([*args, "--overwrite"]) == 0  # an earlier export may be replaced
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep\n")
+    assert main(["export", "--model", str(golden / "checkpoint"), "--out", str(mine), "--overwrite"]) == 2
+    assert "replaces only what it wrote" in one_error_line(capsys.readouterr().err)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and no_leftovers(tmp_path)
+    assert main([*args, "--overwrite", "--dtype", "fp8"]) == 2
+    assert "--dtype fp8" in one_error_line(capsys.readouterr().err)
+    shutil.rmtree(out)
