@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+QUANTIZED_BASE = "tuneport_quantized_base.json"  # in a QLoRA adapter: how its base was quantized
 
 
 def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -61,6 +62,21 @@ def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, 
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, child_name, layer.to(device))  # moving quantizes
+            count += 1
+    return count
+
+
+def dequantize_base_4bit(model: nn.Module, quant_type: str, double_quant: bool) -> int:
+    """Round every nn.Linear except the output layer to bitsandbytes' 4-bit values and back, in place: the
+    base weights a QLoRA adapter was trained on, in float. Returns the number of layers rounded."""
+    import bitsandbytes.functional as bnbf
+
+    count = 0
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not name.endswith("output_layer"):
+            weight = module.weight.data
+            packed, state = bnbf.quantize_4bit(weight.float(), quant_type=quant_type, compress_statistics=double_quant)
+            module.weight.data = bnbf.dequantize_4bit(packed, state, quant_type=quant_type).to(weight.dtype)
             count += 1
     return count
 
@@ -288,13 +304,18 @@ class TorchRuntime:
     def save_adapter(self, folder: Path) -> None:
         """The tuned result in its portable format.
 
-        lora/qlora: a PEFT adapter folder (`peft.PeftModel.from_pretrained(load_model(base), folder)`);
+        lora/qlora: a PEFT adapter folder (`peft.PeftModel.from_pretrained(load_model(base), folder)`); a
+            QLoRA one also says how its base was quantized (QUANTIZED_BASE), so `load_tuned_model` and
+            `tuneport export` put it on the same (dequantized 4-bit) base weights it was trained on;
         ptuning_v2: `prefix_config.json` + `prefix_encoder.safetensors` under the official names;
         full: a complete checkpoint folder in the official layout.
         """
         folder.mkdir(parents=True, exist_ok=True)
         if self.method.name in ("lora", "qlora"):
             self.model.save_pretrained(folder)
+            if self.method.name == "qlora":  # loading it again means the same 4-bit base (dequantized)
+                (folder / QUANTIZED_BASE).write_text(json.dumps(
+                    {"quant_type": self.method.quant_type, "double_quant": self.method.double_quant}))
         elif self.method.name == "ptuning_v2":
             (folder / PREFIX_CONFIG).write_text(json.dumps(
                 {"pre_seq_len": self.method.num_virtual_tokens, "prefix_projection": self.method.prefix_projection}))
@@ -354,6 +375,9 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
 
     trained_on = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or "?"
     model = load_model(base, backend, dtype=dtype, device_index=device_index)
+    if (adapter / QUANTIZED_BASE).is_file():
+        quantized = read_json(adapter / QUANTIZED_BASE)
+        dequantize_base_4bit(model, quantized["quant_type"], quantized["double_quant"])
     try:
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target layers missing in this model
