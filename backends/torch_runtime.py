@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -384,16 +385,12 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
         raise CheckpointError(f"--adapter {adapter}: does not fit the base model {base} "
                               f"({str(e).strip().splitlines()[-1].strip()[:200]}); pass the base it was tuned from "
                               f"({trained_on})") from None
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError":
-            raise
+    except SafetensorError as e:
         raise CheckpointError(f"--adapter {adapter}: damaged adapter file ({e}); copy the adapter again") from None
 
 
 def _adapter_weights(file: Path) -> dict:
     try:
         return load_file(file)
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
-            raise
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read ({e}); copy the adapter again") from None

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import yaml
+from safetensors import SafetensorError
 
 from . import checkpoints
 from ..models import builder_family, builder_names
@@ -171,6 +172,9 @@ class MetricsLog:
     def __init__(self, output_dir: Path, resume_step: Optional[int]):
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        self.event, self.scalar = Event, scalar  # used at every step
 
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop what the killed run logged past its checkpoint
@@ -187,15 +191,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         """Append one record (non-finite numbers become null: the file stays strict JSON) and its scalars."""
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
-
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.events.write_event(Event(step=record["step"], wall_time=time.time(), summary=scalar(key, value)))
+                self.events.write_event(self.event(step=record["step"], wall_time=time.time(),
+                                                   summary=self.scalar(key, value)))
         self.events.flush()
 
     def close(self) -> None:
@@ -380,14 +382,9 @@ def restore(runtime, checkpoint: Path) -> tuple[int, Position]:
     state = checkpoints.read_state(checkpoint)
     try:
         runtime.load_state(checkpoint)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # damaged or foreign files
         raise RunError(f"{checkpoint}: cannot be resumed from ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                        "move this checkpoint folder away to resume from the one before it") from None
-    except Exception as e:  # safetensors' SafetensorError for a damaged file
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise RunError(f"{checkpoint}: cannot be resumed from (damaged file: {e}); move this checkpoint folder "
-                       "away to resume from the one before it") from None
     log.info("resumed from %s (step %d)", checkpoint, state["step"])
     return state["step"], Position(**state["position"])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from .. import ModelFamily
 
 # Every linear layer of a ChatGLM3 block (the official names).
@@ -9,9 +11,8 @@ LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def _mindspore():
-    from . import mindspore
-
-    return mindspore
+    """The MindSpore model module, imported only when asked for (importing it imports MindSpore)."""
+    return import_module(".mindspore", __package__)
 
 
 def family() -> ModelFamily:
