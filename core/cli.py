@@ -497,16 +497,21 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="new folder for the merged model (official layout)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier export")
+    p.add_argument("--format", default="safetensors", help="safetensors (the official layout, default) | onnx "
+                   "(one generation step with its KV cache, fp32)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import export
 
     record = export(Path(args.model), Path(args.adapter) if args.adapter else None, Path(args.out), args.dtype,
-                    args.overwrite)
+                    args.overwrite, args.format)
     for name, digest in record["sha256"].items():
         print(f"{digest}  {Path(args.out) / name}")
-    print(f"wrote {args.out} ({args.dtype}); the sha256 of each file is in {Path(args.out) / 'export.json'}")
+    if "onnx_max_abs_diff" in record:
+        print(f"onnx.checker: passed; onnxruntime against torch, largest logit difference: "
+              f"{record['onnx_max_abs_diff']:.3g}")
+    print(f"wrote {args.out} ({args.format}, {args.dtype}); the sha256 of each file is in {Path(args.out) / 'export.json'}")
     return 0
 
 

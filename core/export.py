@@ -4,10 +4,15 @@ LoRA is merged into the base weights (peft's `merge_and_unload`); a P-tuning v2 
 checkpoint with `pre_seq_len` and its prefix encoder; a full fine-tune is rewritten as it is. The folder
 is written into a temporary folder beside `--out` and renamed at the end; `export.json` records the
 sha256 of every file, which is also printed.
+
+`--format onnx` writes the same model as an ONNX graph of one generation step with its KV cache, checks
+it with `onnx.checker`, and compares onnxruntime with torch on a left-padded prompt and a cached step
+(the largest difference goes into `export.json`). `onnx_generate` decodes it without torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -17,13 +22,19 @@ from typing import Optional
 
 from ..models import CheckpointError, family_for
 from .data import file_sha256
+from .onnx_generate import MODEL_FILE, onnx_generate, open_session
+
+__all__ = ["export", "onnx_generate", "compare_onnx"]
 
 EXPORT_RECORD = "export.json"
 DTYPES = ("fp32", "bf16", "fp16")
+FORMATS = ("safetensors", "onnx")
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32", overwrite: bool = False) -> dict:
+def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32", overwrite: bool = False,
+           format: str = "safetensors") -> dict:
     """Merge `adapter` into the base checkpoint `model` and write the official layout to `out`.
 
     Args:
@@ -32,9 +43,11 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         out: the new folder.
         dtype: the exported weights' dtype: fp32, bf16 or fp16.
         overwrite: replace `out` when it holds an earlier export (never another folder).
+        format: "safetensors" (the official layout) or "onnx" (fp32 only).
 
     Returns:
-        The export record (also written to `out/export.json`): sources, dtype and each file's sha256.
+        The export record (also written to `out/export.json`): sources, dtype, format, each file's
+        sha256, and for ONNX the largest difference from torch.
 
     Raises:
         CheckpointError: a bad model or adapter, an unknown dtype, or an `out` that may not be replaced.
@@ -45,6 +58,15 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    if format not in FORMATS:
+        raise CheckpointError(f"--format {format}: not one of {', '.join(FORMATS)}")
+    if format == "onnx" and dtype != "fp32":
+        raise CheckpointError(f"--dtype {dtype}: --format onnx writes fp32 only (the precision checked against "
+                              "torch); drop --dtype")
+    missing = [name for name in ONNX_PACKAGES if format == "onnx" and importlib.util.find_spec(name) is None]
+    if missing:
+        raise CheckpointError(f"--format onnx needs {', '.join(missing)}: pip install 'tuneport[onnx]' (with the "
+                              "mindspore extra in the same command if you use it)")
     if out.exists():
         if not overwrite:
             raise CheckpointError(f"--out {out}: already exists; choose a new folder, or pass --overwrite to replace "
@@ -53,8 +75,9 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
             raise CheckpointError(f"--out {out}: is not an earlier tuneport export (no {EXPORT_RECORD}); tuneport "
                                   "replaces only what it wrote: choose a new folder")
     family = family_for(model)
-    if family.save_official is None:
-        raise CheckpointError(f"{model}: exporting {family.model_type} models is not supported")
+    writer = family.save_official if format == "safetensors" else family.export_onnx
+    if writer is None:
+        raise CheckpointError(f"{model}: exporting {family.model_type} models as {format} is not supported")
     tuned = load_tuned_model(model, adapter, "cpu", dtype=torch.float32)
     if hasattr(tuned, "merge_and_unload"):  # a peft LoRA model
         tuned = tuned.merge_and_unload()
@@ -63,13 +86,14 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        family.save_official(tuned, tmp)
+        writer(tuned, tmp)
+        checks = compare_onnx(tuned, tmp) if format == "onnx" else {}
         for name in TOKENIZER_FILES:
             if (model / name).is_file():
                 shutil.copy(model / name, tmp / name)
         record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.resolve()),
-                  "adapter": str(adapter.resolve()) if adapter else None, "dtype": dtype,
-                  "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
+                  "adapter": str(adapter.resolve()) if adapter else None, "dtype": dtype, "format": format,
+                  **checks, "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete
             shutil.rmtree(out)
@@ -78,3 +102,37 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return record
+
+
+def compare_onnx(tuned, folder: Path) -> dict:
+    """Check folder/model.onnx with `onnx.checker`, then run onnxruntime and torch on the same inputs.
+
+    The inputs: two rows of random ids (the first left-padded by 3), then one cached step. Returns
+    `{"onnx_max_abs_diff": largest |difference| of the logits}`.
+    """
+    import numpy as np
+    import onnx
+    import torch
+
+    onnx.checker.check_model(str(folder / MODEL_FILE), full_check=True)
+    session = open_session(folder)
+    names = [o.name for o in session.get_outputs()]
+    vocab = tuned.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    nxt = torch.randint(0, vocab, (2, 1), generator=generator)
+    step_mask = torch.cat((mask, mask.new_ones(2, 1)), dim=1)
+    with torch.no_grad():
+        prompt = tuned(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = tuned(input_ids=nxt, attention_mask=step_mask, past_key_values=prompt.cache, use_cache=True)
+    past = {i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()[3:]}
+    first = session.run(names, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                "position_ids": np.broadcast_to(np.arange(8), (2, 8)).astype(np.int64), **past})
+    past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], first[1:])}
+    second = session.run(names, {"input_ids": nxt.numpy(), "attention_mask": step_mask.numpy(),
+                                 "position_ids": np.full((2, 1), 8, np.int64), **past})
+    diff = max(float(np.abs(first[0] - prompt.logits.numpy()).max()),
+               float(np.abs(second[0] - step.logits.numpy()).max()))
+    return {"onnx_max_abs_diff": diff}

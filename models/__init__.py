@@ -52,6 +52,8 @@ class ModelFamily:
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
         save_official: (torch model, folder) -> None, the model in the family's official checkpoint
             layout (for `tuneport export`); optional.
+        export_onnx: (torch model, folder) -> None, the model as one ONNX generation step with its KV
+            cache (the inputs and outputs of `tuneport.core.onnx_generate`) in folder/model.onnx; optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
     """
 
@@ -65,6 +67,7 @@ class ModelFamily:
     builders: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = field(default_factory=dict)
     convert: Optional[Callable[[Path, Path], None]] = None
     save_official: Optional[Callable[[Any, Path], None]] = None
+    export_onnx: Optional[Callable[[Any, Path], None]] = None
     mindspore: Optional[Callable[[], Any]] = None
 
 

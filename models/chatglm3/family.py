@@ -15,6 +15,12 @@ def _mindspore():
     return import_module(".mindspore", __package__)
 
 
+def _export_onnx(model, folder):
+    from .onnx import export_onnx  # imports torch.onnx, which is slow: only when exporting to ONNX
+
+    export_onnx(model, folder)
+
+
 def family() -> ModelFamily:
     from . import builders
     from .checkpoint import check_checkpoint, convert_to_safetensors, load_model, save_official
@@ -31,5 +37,6 @@ def family() -> ModelFamily:
         builders={"demo": (lambda: builders.builder_config("demo"), builders.build_demo_folder)},
         convert=convert_to_safetensors,
         save_official=save_official,
+        export_onnx=_export_onnx,
         mindspore=_mindspore,
     )

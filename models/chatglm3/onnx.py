@@ -1,0 +1,121 @@
+"""ChatGLM3 as an ONNX graph that generates: one step of the model with its KV cache as inputs and outputs.
+
+Inputs: `input_ids` [batch, seq] (int64), `attention_mask` [batch, past + seq] (int64, 0 at left
+padding), `position_ids` [batch, seq] (int64; ChatGLM3 counts from 0 on every row, padding included),
+and per layer `past_key_values.N.key` / `.value` [batch, kv_heads, past, head_dim] (past may be 0).
+Outputs: `logits` [batch, seq, vocab] and per layer `present.N.key` / `.value` [batch, kv_heads,
+past + seq, head_dim]. A P-tuning v2 prefix is a constant of the graph, put before the past keys at
+every step, so the cache holds real tokens only and callers never see it.
+
+The mask rule is the official one (see `model.attention_mask_for`), written without data-dependent
+branches so the exporter can trace it: a real query sees the non-padded keys up to itself, a padded
+query sees every key (its output is never sampled from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .files import official_config
+from .model import ChatGLMForConditionalGeneration
+
+OPSET = 18
+MODEL_FILE = "model.onnx"  # its weights go beside it, in model.onnx.data
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class _StepCache:
+    """Enough of a transformers `Cache` for `SelfAttention`: extends each layer's past and keeps the result."""
+
+    def __init__(self, past: list[torch.Tensor], prefix: list[torch.Tensor]):
+        self.past = past  # [key0, value0, key1, value1, ...]
+        self.prefix = prefix  # the same, [1, kv_heads, pre_seq_len, head_dim] each; empty without P-tuning
+        self.present: list[torch.Tensor] = [None] * len(past)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer: int):
+        key = torch.cat((self.past[2 * layer], key), dim=2)
+        value = torch.cat((self.past[2 * layer + 1], value), dim=2)
+        self.present[2 * layer], self.present[2 * layer + 1] = key, value
+        if self.prefix:
+            batch = key.shape[0]
+            key = torch.cat((self.prefix[2 * layer].expand(batch, -1, -1, -1), key), dim=2)
+            value = torch.cat((self.prefix[2 * layer + 1].expand(batch, -1, -1, -1), value), dim=2)
+        return key, value
+
+
+class OnnxStep(nn.Module):
+    """One generation step of an eval-mode ChatGLM3 model, with the cache as plain tensors."""
+
+    def __init__(self, model: ChatGLMForConditionalGeneration):
+        super().__init__()
+        self.model = model
+        glm = model.transformer
+        self.pre_seq_len = glm.pre_seq_len
+        if self.pre_seq_len:  # computed once: in eval mode the prefix is a constant
+            with torch.no_grad():
+                pairs = glm.get_prompt(1, glm.embedding.word_embeddings.weight.dtype)
+            self.register_buffer("prefix", torch.stack([t for pair in pairs for t in pair]), persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        glm = self.model.transformer
+        batch, seq = input_ids.shape
+        past_len = past[0].shape[2]
+        x = glm.embedding(input_ids)
+        cos, sin = glm.rotary_pos_emb(position_ids)
+        keys = attention_mask.bool()  # [batch, past + seq]
+        query_pos = torch.arange(seq, device=x.device) + past_len
+        causal = torch.arange(past_len + seq, device=x.device)[None, :] <= query_pos[:, None]
+        query_is_pad = ~keys[:, past_len:]
+        allowed = (causal[None] & keys[:, None, :]) | query_is_pad[:, :, None]
+        if self.pre_seq_len:
+            allowed = torch.cat((allowed.new_ones(batch, seq, self.pre_seq_len), allowed), dim=2)
+        cache = _StepCache(list(past), list(self.prefix.unbind(0)) if self.pre_seq_len else [])
+        hidden = glm.encoder(x, cos, sin, allowed[:, None], False, cache, [None] * glm.num_layers)
+        return (glm.output_layer(hidden), *cache.present)
+
+
+def export_onnx(model: ChatGLMForConditionalGeneration, folder: Path) -> None:
+    """Write `model` (merged, on the CPU) to `folder`: model.onnx, its weights in model.onnx.data, and
+    config.json with the official keys.
+
+    The exporter traces example inputs (batch 2, past 3, seq 5); batch, seq and past are dynamic axes.
+    """
+    model.eval()
+    config = model.config
+    step = OnnxStep(model).eval()
+    batch, past_len, seq = 2, 3, 5
+    kv_shape = (batch, config.kv_heads, past_len, config.kv_channels)
+    dtype = model.transformer.output_layer.weight.dtype
+    past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * config.num_layers)]
+    args = (torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past_len + seq, dtype=torch.long),
+            torch.arange(past_len, past_len + seq).expand(batch, seq), *past)
+    inputs, outputs = io_names(config.num_layers)
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    # The mask's length is past + seq; *past is one tuple to the exporter.
+    shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple([{0: b, 2: p}] * len(past)))
+    # The exporter logs every pass it runs and warns about torchvision; the result is checked instead.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(step, args, str(folder / MODEL_FILE), input_names=inputs, output_names=outputs,
+                              dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=True, optimize=True, verbose=False)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    (folder / "config.json").write_text(json.dumps(official_config(config, str(dtype).replace("torch.", "")), indent=2))
