@@ -515,6 +515,39 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve -------------------------------------------------------------------------------------------
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from .serve import API_KEY_ENV, Limits
+
+    p.add_argument("--model", required=True, help="base checkpoint folder (or a `tuneport export` folder)")
+    p.add_argument("--adapter", help="tuned result: a PEFT adapter, a P-tuning v2 prefix folder, or a full checkpoint")
+    p.add_argument("--device", default="auto", help="auto or a registered device: cpu, cuda, npu, ...")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); any other needs an "
+                   "API key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"the key every request must send as 'Authorization: Bearer KEY' "
+                   f"(default: ${API_KEY_ENV})")
+    p.add_argument("--model-name", help="the model id clients ask for (default: the --model folder's name)")
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=int, default=Limits.max_queue, help="requests that may wait; more get 503")
+    p.add_argument("--max-request-bytes", type=int, default=Limits.max_request_bytes)
+    p.add_argument("--max-model-len", type=int, default=Limits.max_model_len,
+                   help="prompt plus reply in tokens (at most the model's seq_length)")
+    p.add_argument("--log-prompts", action="store_true", help="log each request's messages (off: counts only)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import API_KEY_ENV, Limits, serve
+    from .trainer import RunError
+
+    for name in ("port", "max_tokens", "max_queue", "max_request_bytes", "max_model_len"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise RunError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
+    limits = Limits(args.max_tokens, args.max_queue, args.max_request_bytes, args.max_model_len)
+    return serve(Path(args.model), Path(args.adapter) if args.adapter else None, args.device, args.host, args.port,
+                 args.api_key or os.environ.get(API_KEY_ENV) or None, limits, args.model_name, args.log_prompts)
+
+
 # --- the table ---------------------------------------------------------------------------------------
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune with a recipe (no recipe: the built-in demo)", add_train_arguments, run_train),
@@ -524,6 +557,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
                add_doctor_arguments, run_doctor),
     "export": ("merge a tuned adapter into its base model and write the official checkpoint layout",
                add_export_arguments, run_export),
+    "serve": ("serve a model and an optional adapter with the OpenAI chat API", add_serve_arguments, run_serve),
     "convert": ("rewrite a checkpoint folder's weights as safetensors shards (no pickle, no torch needed to read)",
                 add_convert_arguments, run_convert),
 }

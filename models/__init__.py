@@ -54,6 +54,8 @@ class ModelFamily:
             layout (for `tuneport export`); optional.
         export_onnx: (torch model, folder) -> None, the model as one ONNX generation step with its KV
             cache (the inputs and outputs of `tuneport.core.onnx_generate`) in folder/model.onnx; optional.
+        chat: () -> the module with its chat protocol for the server (`history_from_openai`,
+            `split_reply`, `parse_tool_call`, `ChatFormatError`); optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
     """
 
@@ -68,6 +70,7 @@ class ModelFamily:
     convert: Optional[Callable[[Path, Path], None]] = None
     save_official: Optional[Callable[[Any, Path], None]] = None
     export_onnx: Optional[Callable[[Any, Path], None]] = None
+    chat: Optional[Callable[[], Any]] = None
     mindspore: Optional[Callable[[], Any]] = None
 
 

@@ -38,5 +38,6 @@ def family() -> ModelFamily:
         convert=convert_to_safetensors,
         save_official=save_official,
         export_onnx=_export_onnx,
+        chat=lambda: import_module(".chat", __package__),
         mindspore=_mindspore,
     )
