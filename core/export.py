@@ -31,6 +31,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# The official release's code, copied when the base folder has it, so engines that load a ChatGLM3 folder
+# with trust_remote_code (the official demos, vLLM's tokenizer) read the export as they read the release.
+OFFICIAL_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
 
 
 def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32", overwrite: bool = False,
@@ -88,7 +91,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     try:
         writer(tuned, tmp)
         checks = compare_onnx(tuned, tmp) if format == "onnx" else {}
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + (OFFICIAL_CODE if format == "safetensors" else ()):
             if (model / name).is_file():
                 shutil.copy(model / name, tmp / name)
         record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.resolve()),

@@ -132,3 +132,15 @@ def test_qlora_export_matches_the_qlora_model(golden, shared_data, tmp_path):
     print(f"export vs QLoRA model: {(exported - qlora).abs().max():.2e}; fp32-base merge: {(naive - qlora).abs().max():.2e}")
     assert (exported - qlora).abs().max() < 1e-2
     assert (naive - qlora).abs().max() > 10 * (exported - qlora).abs().max()  # the dequantized base matters
+
+
+def test_the_releases_code_files_travel_with_the_export(golden, tmp_path):
+    """A release folder's `*_chatglm.py` (read by trust_remote_code loaders such as vLLM's tokenizer) is copied."""
+    base = tmp_path / "release"
+    shutil.copytree(golden / "checkpoint", base)
+    (base / "tokenization_chatglm.py").write_text("# the release's tokenizer code\n")
+    out = tmp_path / "merged"
+    assert main(["export", "--model", str(base), "--out", str(out)]) == 0
+    assert (out / "tokenization_chatglm.py").read_text() == "# the release's tokenizer code\n"
+    assert "tokenization_chatglm.py" in json.loads((out / "export.json").read_text())["sha256"]
+    assert not (out / "modeling_chatglm.py").exists()  # only what the base folder has
