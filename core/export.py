@@ -37,7 +37,7 @@ OFFICIAL_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenizatio
 
 
 def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32", overwrite: bool = False,
-           format: str = "safetensors") -> dict:
+           fmt: str = "safetensors") -> dict:
     """Merge `adapter` into the base checkpoint `model` and write the official layout to `out`.
 
     Args:
@@ -46,7 +46,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         out: the new folder.
         dtype: the exported weights' dtype: fp32, bf16 or fp16.
         overwrite: replace `out` when it holds an earlier export (never another folder).
-        format: "safetensors" (the official layout) or "onnx" (fp32 only).
+        fmt: "safetensors" (the official layout) or "onnx" (fp32 only).
 
     Returns:
         The export record (also written to `out/export.json`): sources, dtype, format, each file's
@@ -61,15 +61,16 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
-    if format not in FORMATS:
-        raise CheckpointError(f"--format {format}: not one of {', '.join(FORMATS)}")
-    if format == "onnx" and dtype != "fp32":
-        raise CheckpointError(f"--dtype {dtype}: --format onnx writes fp32 only (the precision checked against "
-                              "torch); drop --dtype")
-    missing = [name for name in ONNX_PACKAGES if format == "onnx" and importlib.util.find_spec(name) is None]
-    if missing:
-        raise CheckpointError(f"--format onnx needs {', '.join(missing)}: pip install 'tuneport[onnx]' (with the "
-                              "mindspore extra in the same command if you use it)")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        if dtype != "fp32":
+            raise CheckpointError(f"--dtype {dtype}: --format onnx writes fp32 only (the precision checked against "
+                                  "torch); drop --dtype")
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise CheckpointError(f"--format onnx needs {', '.join(missing)}: pip install 'tuneport[onnx]' (with "
+                                  "the mindspore extra in the same command if you use it)")
     if out.exists():
         if not overwrite:
             raise CheckpointError(f"--out {out}: already exists; choose a new folder, or pass --overwrite to replace "
@@ -78,9 +79,9 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
             raise CheckpointError(f"--out {out}: is not an earlier tuneport export (no {EXPORT_RECORD}); tuneport "
                                   "replaces only what it wrote: choose a new folder")
     family = family_for(model)
-    writer = family.save_official if format == "safetensors" else family.export_onnx
+    writer = family.save_official if fmt == "safetensors" else family.export_onnx
     if writer is None:
-        raise CheckpointError(f"{model}: exporting {family.model_type} models as {format} is not supported")
+        raise CheckpointError(f"{model}: exporting {family.model_type} models as {fmt} is not supported")
     tuned = load_tuned_model(model, adapter, "cpu", dtype=torch.float32)
     if hasattr(tuned, "merge_and_unload"):  # a peft LoRA model
         tuned = tuned.merge_and_unload()
@@ -89,13 +90,14 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        writer(tuned, tmp)
-        checks = compare_onnx(tuned, tmp) if format == "onnx" else {}
-        for name in TOKENIZER_FILES + (OFFICIAL_CODE if format == "safetensors" else ()):
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users (a container's, say)
+        writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
+        checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
+        for name in TOKENIZER_FILES + (OFFICIAL_CODE if fmt == "safetensors" else ()):
             if (model / name).is_file():
                 shutil.copy(model / name, tmp / name)
         record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.resolve()),
-                  "adapter": str(adapter.resolve()) if adapter else None, "dtype": dtype, "format": format,
+                  "adapter": str(adapter.resolve()) if adapter else None, "dtype": dtype, "format": fmt,
                   **checks, "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete

@@ -18,6 +18,7 @@ import numpy as np
 
 MODEL_FILE = "model.onnx"
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 class OnnxModelError(ValueError):
@@ -34,11 +35,16 @@ def open_session(path: Path):
     if not path.is_file():
         raise OnnxModelError(f"{path}: file not found; pass the folder `tuneport export --format onnx` wrote")
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a damaged or foreign file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxModelError(f"{path}: not a loadable ONNX model ({first}); export it again with "
                              "`tuneport export --format onnx`") from None
+    names = [i.name for i in session.get_inputs()]
+    if names[:3] != list(STEP_INPUTS) or not names[3:] or session.get_outputs()[0].name != "logits":
+        raise OnnxModelError(f"{path}: not a `tuneport export --format onnx` graph (inputs {', '.join(names[:5])}; "
+                             f"expected {', '.join(STEP_INPUTS)}, past_key_values.*); export it with tuneport")
+    return session
 
 
 def onnx_generate(model: Path | object, input_ids: Sequence[Sequence[int]], max_new_tokens: int,
@@ -60,6 +66,10 @@ def onnx_generate(model: Path | object, input_ids: Sequence[Sequence[int]], max_
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected [batch, seq] with seq >= 1, got shape {ids.shape}")
+    vocab = session.get_outputs()[0].shape[-1]
+    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"input_ids: ids must be from 0 to {vocab - 1} (the model's vocabulary); got "
+                         f"{ids.min()} to {ids.max()}")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     past = {}

@@ -69,6 +69,7 @@ class Job:
     prompt_text: str = ""
     id: str = field(default_factory=lambda: f"chatcmpl-{secrets.token_hex(12)}")
     created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)  # latency counts the wait in the queue
 
 
 def is_local(host: str) -> bool:
@@ -81,11 +82,13 @@ def is_local(host: str) -> bool:
         return False
 
 
-def _field(payload: dict, name: str, kind, default, check: Callable = lambda v: True, need: str = ""):
+def _field(payload: dict, name: str, kind, default, need: str, check: Callable = lambda v: True):
+    """payload[name] (default when absent or null), or ApiError 400 when it is not a `kind` passing `check`."""
     value = payload.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not check(value):
+    wrong_type = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+    if wrong_type or not check(value):
         raise ApiError(400, f"{name}: {json.dumps(value)[:80]} is not valid; expected {need}", param=name)
     return value
 
@@ -103,7 +106,7 @@ class Engine:
         """A request body as a Job; every problem is an ApiError 400 (404 for another model's name)."""
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"the body is not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the body must be a JSON object")
@@ -111,10 +114,10 @@ class Engine:
         if model not in (None, self.name):
             raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {self.name!r}",
                            param="model", code="model_not_found")
-        if _field(payload, "n", int, 1) != 1:
-            raise ApiError(400, "n: only 1 choice per request is supported", param="n")
+        _field(payload, "n", int, 1, "1 (one choice per request)", lambda v: v == 1)
+        tools = None if payload.get("tool_choice") == "none" else payload.get("tools")
         try:
-            history, query, role = self.chat.history_from_openai(payload.get("messages"), payload.get("tools"))
+            history, query, role = self.chat.history_from_openai(payload.get("messages"), tools)
         except self.chat.ChatFormatError as e:
             raise ApiError(400, str(e), param="messages") from None
         prompt_ids = self.tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
@@ -125,10 +128,9 @@ class Engine:
                            f"{limits.max_model_len - 1} (context {limits.max_model_len}: --max-model-len, at most the "
                            "model's seq_length); shorten the messages",
                            param="messages", code="context_length_exceeded")
-        max_tokens = _field(payload, "max_tokens", int, None, lambda v: 1 <= v <= limits.max_tokens,
-                            f"an integer from 1 to {limits.max_tokens} (--max-tokens)")
-        max_tokens = _field(payload, "max_completion_tokens", int, max_tokens, lambda v: 1 <= v <= limits.max_tokens,
-                            f"an integer from 1 to {limits.max_tokens} (--max-tokens)")
+        cap = f"an integer from 1 to {limits.max_tokens} (--max-tokens)"
+        max_tokens = _field(payload, "max_tokens", int, None, cap, lambda v: 1 <= v <= limits.max_tokens)
+        max_tokens = _field(payload, "max_completion_tokens", int, max_tokens, cap, lambda v: 1 <= v <= limits.max_tokens)
         if max_tokens is not None and max_tokens > room:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens and max_tokens {max_tokens}: more than the "
                            f"{limits.max_model_len}-token context this server takes; ask for at most {room}",
@@ -140,11 +142,12 @@ class Engine:
         return Job(
             prompt_ids=prompt_ids,
             max_tokens=max_tokens or min(limits.max_tokens, room),
-            temperature=float(_field(payload, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "0 to 2")),
-            top_p=float(_field(payload, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-            seed=_field(payload, "seed", int, secrets.randbits(63), lambda v: v >= 0, "an integer >= 0"),
-            stop=stop, tools=bool(payload.get("tools")),
-            stream=_field(payload, "stream", bool, False, need="true or false"),
+            temperature=float(_field(payload, "temperature", (int, float), 1.0, "0 to 2", lambda v: 0 <= v <= 2)),
+            top_p=float(_field(payload, "top_p", (int, float), 1.0, "a number in (0, 1]", lambda v: 0 < v <= 1)),
+            seed=_field(payload, "seed", int, secrets.randbits(63), "an integer from 0 to 2**63 - 1",
+                        lambda v: 0 <= v < 2**63),
+            stop=stop, tools=bool(tools),
+            stream=_field(payload, "stream", bool, False, "true or false"),
             prompt_text=json.dumps(payload.get("messages"), ensure_ascii=False) if self.log_prompts else "",
         )
 
@@ -169,7 +172,7 @@ class Engine:
         """Generate the reply; `emit` gets each content delta ({"content": text}); returns the final
         message, finish_reason and usage."""
         reply = Reply(self.tokenizer, self.chat, job.stop, job.tools)
-        start, count, finish = time.perf_counter(), 0, "length"
+        count, finish = 0, "length"
         for token in self.tokens(job, cancelled):
             count += 1
             if token in self.stop_ids:
@@ -186,11 +189,13 @@ class Engine:
             emit({"content": tail})
         if message.get("tool_calls"):
             finish = "tool_calls"
+        elif cancelled.is_set() and finish == "length":
+            finish = "cancelled"  # the client went away; logged, never sent
         usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": count,
                  "total_tokens": len(job.prompt_ids) + count}
         prompt = f" prompt={job.prompt_text}" if self.log_prompts else ""
         log.info("%s finish=%s prompt_tokens=%d completion_tokens=%d latency_s=%.3f%s", job.id, finish,
-                 usage["prompt_tokens"], count, time.perf_counter() - start, prompt)
+                 usage["prompt_tokens"], count, time.perf_counter() - job.started, prompt)
         return {"message": message, "finish_reason": finish, "usage": usage}
 
 
@@ -229,6 +234,16 @@ class Reply:
         split = self.chat.split_reply(self.text)
         return None if split is None or split[0] else split[1].lstrip()
 
+    def _settled(self, content: str) -> str:
+        """`content` without its trailing space and without an ending that may begin a stop string."""
+        content = content.rstrip()
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(content)), 0, -1):
+                if content.endswith(stop[:k]):
+                    content = content[:-k].rstrip()
+                    break
+        return content
+
     def _cut(self, content: str) -> tuple[str, bool]:
         """`content` up to the first stop string, and whether there was one."""
         ends = [i for i in (content.find(s) for s in self.stop) if i >= 0]
@@ -245,11 +260,7 @@ class Reply:
         if visible is None:
             return "", False
         safe, stopped = self._cut(visible)
-        if not stopped:  # hold back trailing space and any start of a stop string
-            safe = safe.rstrip()
-            for s in self.stop:
-                safe = next((safe[:-k] for k in range(min(len(s) - 1, len(safe)), 0, -1) if safe.endswith(s[:k])),
-                            safe)
+        safe = safe.rstrip() if stopped else self._settled(safe)
         if not safe.startswith(self.sent):
             return "", stopped
         delta, self.sent = safe[len(self.sent):], safe
@@ -271,7 +282,7 @@ class Reply:
 
 # --- the web application ----------------------------------------------------------------------------------
 def create_app(engine: Engine, api_key: Optional[str]):
-    """The FastAPI application serving `engine`."""
+    """The FastAPI application serving `engine`; `api_key`, when given, is required of every request."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -281,32 +292,46 @@ def create_app(engine: Engine, api_key: Optional[str]):
     state = {"pending": 0}  # requests admitted and not finished: the running one plus the queue
     limits = engine.limits
 
-    def error(e: ApiError) -> JSONResponse:
+    def too_big() -> ApiError:
+        return ApiError(413, f"the request is larger than {limits.max_request_bytes} bytes, the most this server "
+                             "takes (--max-request-bytes)")
+
+    def error(e: ApiError, request: Optional[Request] = None) -> JSONResponse:
+        """The error's JSON answer, and its log line (status and message; never the request's messages)."""
+        where = f"{request.method} {request.url.path}" if request is not None else ""
+        log.info("rejected %s status=%d %s", where, e.status, e.message)
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return error(ApiError(e.status_code, str(e.detail)))
+        return error(ApiError(e.status_code, str(e.detail)), request)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
         log.exception("request failed")
-        return error(ApiError(500, f"internal error ({type(e).__name__}); see the server log"))
+        return error(ApiError(500, f"internal error ({type(e).__name__}); see the server log"), request)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if api_key is not None:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())):
                 return error(ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key"))
+                                      code="invalid_api_key"), request)
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > limits.max_request_bytes):
-            return error(ApiError(413, f"the request is {size} bytes; this server takes at most "
-                                       f"{limits.max_request_bytes} (--max-request-bytes)"))
+            return error(too_big(), request)
         return await call_next(request)
+
+    async def read_body(request: Request) -> bytes:
+        """The body, read no further than the limit (a chunked body has no Content-Length to check)."""
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limits.max_request_bytes:
+                raise too_big()
+        return bytes(body)
 
     @app.get("/health")
     async def health():
@@ -324,33 +349,36 @@ def create_app(engine: Engine, api_key: Optional[str]):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await request.body()
         try:
-            if len(body) > limits.max_request_bytes:
-                raise ApiError(413, f"the request is {len(body)} bytes; this server takes at most "
-                                    f"{limits.max_request_bytes} (--max-request-bytes)")
-            job = engine.parse(body)
+            job = engine.parse(await read_body(request))
             if state["pending"] > limits.max_queue:
                 raise ApiError(503, f"the server is busy: {limits.max_queue} requests are waiting (--max-queue); "
                                     "retry later", code="queue_full")
         except ApiError as e:
-            return error(e)
+            return error(e, request)
         state["pending"] += 1
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:  # from the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def finished(future) -> None:
+            state["pending"] -= 1
+            put(("done", future))
+
+        future = loop.run_in_executor(worker, engine.run, job, lambda delta: put(("delta", delta)), cancelled)
+        future.add_done_callback(finished)
         if not job.stream:
-            try:
-                result = await loop.run_in_executor(worker, engine.run, job, lambda delta: None, cancelled)
-            finally:
-                state["pending"] -= 1
+            while not future.done():  # a client that went away frees its place in the queue
+                await asyncio.wait([future], timeout=0.5)
+                if not future.done() and await request.is_disconnected():
+                    cancelled.set()
+            result = future.result()
             return {"id": job.id, "object": "chat.completion", "created": job.created, "model": engine.name,
                     "choices": [{"index": 0, "message": result["message"], "finish_reason": result["finish_reason"]}],
                     "usage": result["usage"]}
-
-        events: asyncio.Queue = asyncio.Queue()
-        put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
-        future = loop.run_in_executor(worker, engine.run, job, lambda delta: put(("delta", delta)), cancelled)
-        future.add_done_callback(lambda f: (state.__setitem__("pending", state["pending"] - 1), put(("done", f))))
 
         async def stream():
             try:
@@ -380,9 +408,43 @@ def create_app(engine: Engine, api_key: Optional[str]):
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """RunError if `host:port` cannot be bound, found before the model is loaded."""
+    import socket
+
+    from .trainer import RunError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RunError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
+                           "--port, or stop what is using it") from None
+
+
 def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: int, api_key: Optional[str],
           limits: Limits, name: Optional[str] = None, log_prompts: bool = False) -> int:
-    """Load the model and serve it until interrupted."""
+    """Load the model and serve it until interrupted.
+
+    Args:
+        model: the base checkpoint folder (or an export).
+        adapter: a tuned result for it, or None.
+        device: "auto" or a registered device name.
+        host, port: where to listen; a host that is not loopback needs `api_key`.
+        api_key: the key every request must send, or None (loopback only).
+        limits: the request limits (`max_model_len` is lowered to the model's seq_length).
+        name: the model id clients use (default: the folder's name).
+        log_prompts: log each request's messages.
+
+    Returns:
+        0 once the server has stopped.
+
+    Raises:
+        RunError: a public bind without a key, a missing extra, a busy port, or a bad device.
+        CheckpointError: a bad model or adapter.
+    """
     import importlib.util
 
     from ..backends import pick_backend
@@ -390,12 +452,14 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     from ..models import family_for
     from .trainer import RunError
 
+    host = host.strip("[]")  # [::1] as in a URL
     if not is_local(host) and not api_key:
         raise RunError(f"--host {host}: not a loopback address, so the server needs an API key: pass --api-key KEY "
                        f"or set {API_KEY_ENV} (or bind to 127.0.0.1)")
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
+    check_port(host, port)
     family = family_for(model)
     if family.chat is None:
         raise RunError(f"{model}: serving {family.model_type} models is not supported")
@@ -416,7 +480,8 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
 
     import uvicorn
 
-    print(f"tuneport serve: {engine.name} on http://{host}:{port}/v1 ({device_name}; queue {limits.max_queue}, "
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tuneport serve: {engine.name} on http://{shown}:{port}/v1 ({device_name}; queue {limits.max_queue}, "
           f"max_tokens {limits.max_tokens}, context {limits.max_model_len})", flush=True)
     uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning", access_log=False)
     return 0

@@ -52,8 +52,8 @@ class ModelFamily:
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
         save_official: (torch model, folder) -> None, the model in the family's official checkpoint
             layout (for `tuneport export`); optional.
-        export_onnx: (torch model, folder) -> None, the model as one ONNX generation step with its KV
-            cache (the inputs and outputs of `tuneport.core.onnx_generate`) in folder/model.onnx; optional.
+        export_onnx: (torch model, file) -> None, the model as one ONNX generation step with its KV
+            cache (the inputs and outputs of `tuneport.core.onnx_generate`), config.json beside; optional.
         chat: () -> the module with its chat protocol for the server (`history_from_openai`,
             `split_reply`, `parse_tool_call`, `ChatFormatError`); optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.

@@ -111,7 +111,7 @@ def test_ptuning_prefix_is_part_of_the_graph(golden, cases, tmp_path):
     """The official prefix encoder's golden logits, from a graph whose cache holds real tokens only."""
     model = load_model(golden / "checkpoint", **json.loads((golden / "prefix_config.json").read_text()))
     model.load_state_dict(load_file(golden / "prefix_encoder.safetensors"), strict=False)
-    export_onnx(model.eval(), tmp_path)
+    export_onnx(model.eval(), tmp_path / "model.onnx")
     graph = Graph(tmp_path)
     ids = cases["input_ids"].numpy()
     assert_golden(graph.run(ids, np.ones_like(ids), graph.empty(2))[0], cases, "prefix_logits")
@@ -151,6 +151,10 @@ def test_a_corrupt_onnx_file_is_one_line_and_exit_2(exported, tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {folder}") and what in lines[0], done.stderr
+    done = subprocess.run([sys.executable, "-m", "tuneport.core.onnx_generate", str(exported), "--ids", "1", "65024"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == ("error: input_ids: ids must be from 0 to 65023 (the "
+                                                            "model's vocabulary); got 1 to 65024"), done.stderr
 
 
 def test_bad_onnx_exports_are_one_line_and_leave_nothing(golden, tmp_path, capsys):

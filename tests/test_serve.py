@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from tuneport.core.cli import main
-from tuneport.core.serve import is_local
+from tuneport.core.serve import Reply, is_local
+from tuneport.models.chatglm3 import chat
 from tuneport.models.chatglm3 import load_model
 from tuneport.models.chatglm3.builders import build_model_folder
 from tuneport.models.chatglm3.files import load_tokenizer
@@ -154,6 +155,13 @@ def test_eight_concurrent_requests_equal_eight_sequential(golden_server):
     assert MARKER not in log.read_text()  # prompts are logged only with --log-prompts
 
 
+def test_rejected_requests_are_logged_without_their_messages(golden_server):
+    url, log = golden_server
+    post(url, json.dumps({"messages": [{"role": "robot", "content": MARKER}]}).encode())
+    line = [line for line in log.read_text().splitlines() if "rejected" in line and "'robot'" in line][-1]
+    assert "status=400" in line and MARKER not in log.read_text()
+
+
 def test_bad_requests_get_openai_errors(golden_server):
     url, _ = golden_server
     with pytest.raises(openai.AuthenticationError):
@@ -168,7 +176,36 @@ def test_bad_requests_get_openai_errors(golden_server):
     status, body = post(url, json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 201}).encode())
     assert status == 400 and "from 1 to 200" in body["error"]["message"]
     status, body = post(url, json.dumps({"messages": [{"role": "user", "content": "x" * 30000}]}).encode())
-    assert status == 413 and "at most 20000" in body["error"]["message"]
+    assert status == 413 and "20000" in body["error"]["message"]
+    malformed = [{"messages": [{"role": ["user"], "content": "hi"}]},
+                 {"messages": [{"role": "assistant", "tool_calls": 5}, {"role": "user", "content": "hi"}]},
+                 {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]},
+                               {"role": "user", "content": "hi"}]},
+                 {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64},
+                 {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+                 {"messages": "hi"}]
+    for request in malformed:
+        status, body = post(url, json.dumps(request).encode())
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", (request, body)
+    assert post(url, b"[" * 5000)[0] == 400  # nesting deeper than the JSON parser goes
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off(golden_server):
+    """No Content-Length to check: the server stops reading at the limit rather than at the end."""
+    import http.client
+
+    url, _ = golden_server
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Authorization", f"Bearer {KEY}")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    piece = b"x" * 4096
+    for _ in range(25):  # 100 KiB of a body that never ends; the limit is 20,000 bytes
+        connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    connection.sock.settimeout(20)  # the answer comes without the body's end (a server reading it all would hang)
+    response = connection.getresponse()
+    assert response.status == 413 and "20000" in json.loads(response.read())["error"]["message"]
 
 
 def test_a_full_queue_gets_503(golden_server):
@@ -181,6 +218,46 @@ def test_a_full_queue_gets_503(golden_server):
     assert statuses.count(200) <= 8  # one running and seven waiting at most
     busy = next(body for status, body in results if status == 503)
     assert busy["error"]["code"] == "queue_full" and "--max-queue" in busy["error"]["message"]
+
+
+@pytest.mark.parametrize("text, stop", [
+    ("\nHello \n\n world", ["world"]), ("\nHello there, world.", ["lo t", "xyz"]), ("\n 你好，世界 ", []),
+    ("\nsay STOP now", ["STOP"]), ("\nabc", ["abcd"]),
+])
+def test_streamed_deltas_add_up_to_the_final_content(golden, text, stop):
+    """Token by token, as the server streams: the deltas and the final content must be the same text."""
+    tokenizer = load_tokenizer(golden / "checkpoint")
+    reply = Reply(tokenizer, chat, stop, tools=False)
+    streamed = ""
+    for token in tokenizer.sp.encode(text):
+        delta, stopped = reply.add(token)
+        streamed += delta
+        if stopped:
+            break
+    message, tail = reply.finish()
+    expected = text.strip()
+    for s in stop:
+        expected = expected.split(s)[0].strip() if s in expected else expected
+    assert streamed + tail == message["content"] == expected
+
+
+def test_the_tool_protocol(golden):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    history, query, role = chat.history_from_openai(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+                                               "function": {"name": "f", "arguments": '{"x": [1, "a"]}'}}]},
+         {"role": "tool", "content": "42"}], tools)
+    # The official demo's order: ChatGLM3's tool prompt with the tools, then the caller's system message.
+    assert history == [{"role": "system", "content": None, "tools": [tools[0]["function"]]},
+                       {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                       {"role": "assistant", "metadata": "f", "content": "```python\ntool_call(x=[1, 'a'])\n```"}]
+    assert (query, role) == ("42", "observation")
+    assert chat.parse_tool_call("```python\ntool_call(x=[1, 'a'], y={'k': None})\n```") == {"x": [1, "a"],
+                                                                                          "y": {"k": None}}
+    for body in ("tool_call(x={1, 2})", "tool_call(x=b'1')", "tool_call(x=1e999)", "tool_call(1)",
+                 "tool_call(x=__import__('os').system('touch /tmp/pwned'))", "print(1)", "tool_call(**{'a': 1})"):
+        assert chat.parse_tool_call(f"```python\n{body}\n```") is None, body
 
 
 def test_a_public_bind_needs_a_key(golden, tmp_path, monkeypatch, capsys):

@@ -54,11 +54,15 @@ def _native_tools(tools, where: str = "tools") -> list[dict]:
 
 
 def _tool_calls(message: dict, where: str) -> list[dict]:
+    if not isinstance(message["tool_calls"], list):
+        raise ChatFormatError(f"{where}.tool_calls: expected a list of tool calls")
     turns = []
     for j, call in enumerate(message["tool_calls"]):
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}")
+        if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                or not isinstance(function.get("arguments", ""), str)):
+            raise ChatFormatError(f'{where}.tool_calls[{j}]: expected {{"function": {{"name": "...", "arguments": '
+                                  '"a JSON object as a string"}}')
         try:
             arguments = json.loads(function.get("arguments") or "{}")
         except json.JSONDecodeError as e:
@@ -83,19 +87,15 @@ def history_from_openai(messages, tools=None) -> tuple[list[dict], str, str]:
         where = f"messages[{i}]"
         if not isinstance(message, dict) or "role" not in message:
             raise ChatFormatError(f"{where}: expected an object with 'role' and 'content'")
-        role = ROLE_MAP.get(message["role"])
+        role = ROLE_MAP.get(message["role"]) if isinstance(message["role"], str) else None
         if role is None:
             raise ChatFormatError(f"{where}.role: {message['role']!r} is not one of {', '.join(ROLE_MAP)}")
         if role == "assistant" and message.get("tool_calls"):
             history += _tool_calls(message, where)
         else:
             history.append({"role": role, "content": _text(message.get("content"), where)})
-    if tools:
-        native = _native_tools(tools)
-        if history[0]["role"] == "system":
-            history[0]["tools"] = native
-        else:  # content None: the tokenizer writes ChatGLM3's own tool prompt, as in training data
-            history.insert(0, {"role": "system", "content": None, "tools": native})
+    if tools:  # first, with content None: the tokenizer writes ChatGLM3's own tool prompt, as the official demo
+        history.insert(0, {"role": "system", "content": None, "tools": _native_tools(tools)})
     last = history.pop()
     if last["role"] not in QUERY_ROLES:
         raise ChatFormatError(f"messages[{len(messages) - 1}].role: the last message must be from the user or a "
@@ -112,7 +112,8 @@ def split_reply(text: str) -> Optional[tuple[str, str]]:
 
 
 def parse_tool_call(content: str) -> Optional[dict]:
-    """The keyword arguments of a `tool_call(...)` block as a dict, or None if it is not one.
+    """The keyword arguments of a `tool_call(...)` block as a dict, or None if it is not one (or its
+    values have no JSON form, such as sets, bytes or infinities).
 
     The block is parsed and its values read as Python literals; nothing in it is evaluated.
     """
@@ -124,6 +125,8 @@ def parse_tool_call(content: str) -> Optional[dict]:
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
                 and not call.args and all(k.arg for k in call.keywords)):
             return None
-        return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    except (SyntaxError, ValueError, TypeError):
+        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        json.dumps(arguments, allow_nan=False)
+        return arguments
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None

@@ -15,10 +15,10 @@ def _mindspore():
     return import_module(".mindspore", __package__)
 
 
-def _export_onnx(model, folder):
+def _export_onnx(model, path):
     from .onnx import export_onnx  # imports torch.onnx, which is slow: only when exporting to ONNX
 
-    export_onnx(model, folder)
+    export_onnx(model, path)
 
 
 def family() -> ModelFamily:

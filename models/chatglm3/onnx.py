@@ -26,7 +26,6 @@ from .files import official_config
 from .model import ChatGLMForConditionalGeneration
 
 OPSET = 18
-MODEL_FILE = "model.onnx"  # its weights go beside it, in model.onnx.data
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -82,13 +81,14 @@ class OnnxStep(nn.Module):
         if self.pre_seq_len:
             allowed = torch.cat((allowed.new_ones(batch, seq, self.pre_seq_len), allowed), dim=2)
         cache = _StepCache(list(past), list(self.prefix.unbind(0)) if self.pre_seq_len else [])
-        hidden = glm.encoder(x, cos, sin, allowed[:, None], False, cache, [None] * glm.num_layers)
+        hidden = glm.encoder(x, cos, sin, mask=allowed[:, None], causal=False, cache=cache,
+                             prefix_kvs=[None] * glm.num_layers)
         return (glm.output_layer(hidden), *cache.present)
 
 
-def export_onnx(model: ChatGLMForConditionalGeneration, folder: Path) -> None:
-    """Write `model` (merged, on the CPU) to `folder`: model.onnx, its weights in model.onnx.data, and
-    config.json with the official keys.
+def export_onnx(model: ChatGLMForConditionalGeneration, path: Path) -> None:
+    """Write `model` (merged, on the CPU) as the ONNX file `path`, its weights beside it in `path`.data,
+    and config.json with the official keys in the same folder.
 
     The exporter traces example inputs (batch 2, past 3, seq 5); batch, seq and past are dynamic axes.
     """
@@ -113,9 +113,9 @@ def export_onnx(model: ChatGLMForConditionalGeneration, folder: Path) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(step, args, str(folder / MODEL_FILE), input_names=inputs, output_names=outputs,
+            torch.onnx.export(step, args, str(path), input_names=inputs, output_names=outputs,
                               dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=True, optimize=True, verbose=False)
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-    (folder / "config.json").write_text(json.dumps(official_config(config, str(dtype).replace("torch.", "")), indent=2))
+    (path.parent / "config.json").write_text(json.dumps(official_config(config, str(dtype).replace("torch.", "")), indent=2))
