@@ -219,7 +219,8 @@ class TorchRuntime:
         ddp = self.engine is None and self.forward_model is not self.model
         with self.forward_model.no_sync() if ddp and not boundary else nullcontext():
             with self.backend.autocast(self.compute_dtype):
-                loss = self.forward_model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
+                loss = self.forward_model(**inputs, num_items_in_batch=num_items, use_cache=False,
+                                          loss_only=True).loss
             scaled = loss * self.dist.world_size  # DDP and DeepSpeed average over processes; we want the sum
             if self.engine is not None:
                 self.engine.backward(scaled, scale_wrt_gas=False)
@@ -257,7 +258,7 @@ class TorchRuntime:
         try:
             inputs = self._tensors(batch)
             with self.backend.autocast(self.compute_dtype):
-                loss = self.model(**inputs, num_items_in_batch=1, use_cache=False).loss
+                loss = self.model(**inputs, num_items_in_batch=1, use_cache=False, loss_only=True).loss
             return float(loss), int((inputs["labels"][:, 1:] != -100).sum())
         finally:
             self.model.train()

@@ -41,7 +41,8 @@ class ModelFamily:
             validates a folder from its config and weight headers, reading no weights.
         load_model: (folder, backend, dtype=None, device_index=0, **config overrides) -> a torch model
             whose forward takes input_ids, attention_mask, labels, num_items_in_batch, use_cache and
-            returns an output with `.loss` and `.logits` (a transformers PreTrainedModel).
+            loss_only (the loss from label positions alone, no logits) and returns an output with
+            `.loss` and `.logits` (a transformers PreTrainedModel).
         load_tokenizer: (folder or tokenizer file) -> a tokenizer with `encode_conversation`,
             `build_chat_input`, `stop_token_ids`, `pad_token_id` and `decode`.
         check_vocabulary: (tokenizer, config, tokenizer path, model path) -> None; raises CheckpointError

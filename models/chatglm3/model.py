@@ -314,6 +314,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         cache: Optional[Cache] = None,
         num_items_in_batch: Optional[int | torch.Tensor] = None,
+        loss_only: bool = False,
         **kwargs,
     ):
         """Run the model.
@@ -330,6 +331,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 `num_items_in_batch` when given (token-normalised gradient accumulation).
             use_cache: return the extended cache (a new `DynamicCache` when none was given).
             logits_to_keep: if > 0, compute logits for only the last this many positions.
+            loss_only: with `labels`, compute the loss from the positions that carry a label only, a
+                chunk of them at a time (`label_loss`), and return no logits: the same loss and
+                gradients without the [batch, seq, vocab] logits, the step's largest tensor.
 
         Returns:
             `CausalLMOutputWithPast` (loss, logits, cache), or a tuple when `return_dict=False`.
@@ -349,6 +353,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cache=cache if use_cache else None,
             inputs_embeds=inputs_embeds,
         )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if loss_only and labels is not None:
+            loss = label_loss(hidden, self.transformer.output_layer.weight, labels, num_items_in_batch)
+            out = CausalLMOutputWithPast(loss=loss, logits=None, cache=cache if use_cache else None)
+            return out if return_dict else out.to_tuple()
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden)
@@ -357,7 +366,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss = shifted_loss(logits, labels, num_items_in_batch)
             if num_items_in_batch is None:  # the official mean loss comes back in the activations' dtype
                 loss = loss.to(hidden.dtype)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
         return out if return_dict else out.to_tuple()
 
@@ -375,6 +383,66 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=-100)
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+LOSS_CHUNK = 1024  # label positions per chunk: float32 logits of 1024 x 65,024 are 254 MiB
+
+
+def label_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
+    """`shifted_loss(hidden @ weight.T, labels)` from the label positions alone, without whole-vocabulary
+    logits for the batch.
+
+    Only positions whose next token is a label are gathered (a fine-tuning sample's prompt needs no
+    logits), and their logits, float32 softmax and gradients are formed `LOSS_CHUNK` rows at a time
+    inside one autograd function, which keeps the gradients rather than the logits for backward.
+    Same value, dtype and gradients as the full path.
+    """
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    rows = hidden[:, :-1][keep]
+    count = keep.sum()
+    if num_items_in_batch is None:
+        loss = _LabelLoss.apply(rows, weight, targets[keep], count.clamp(min=1))
+        # as F.cross_entropy: the mean over no tokens is nan; the official mean comes back in the activations' dtype
+        return (loss if count else loss * float("nan")).to(hidden.dtype)
+    return _LabelLoss.apply(rows, weight, targets[keep], num_items_in_batch)
+
+
+class _LabelLoss(torch.autograd.Function):
+    """sum(cross_entropy(rows @ weight.T, targets)) / denominator, with its gradients formed in forward."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, denominator):
+        scale = 1.0 / float(denominator)
+        ctx.weight_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if rows.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        # Under autocast the matmuls run in the autocast dtype, as the full path's output layer does.
+        for start in range(0, rows.shape[0], LOSS_CHUNK):
+            chunk, target = rows[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+            product = torch.matmul(chunk, weight.t())
+            logits = product.float()
+            logsumexp = logits.logsumexp(dim=-1)
+            total += (logsumexp - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad_rows is None and grad_weight is None:
+                continue
+            grad = logits.sub_(logsumexp[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(target), device=grad.device), target] -= 1.0
+            grad = (grad * scale).to(product.dtype)
+            if grad_rows is not None:
+                grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad, weight.to(grad.dtype))
+            if grad_weight is not None:
+                grad_weight += torch.matmul(grad.t(), chunk.to(grad.dtype)).float()
+        ctx.save_for_backward(grad_rows, grad_weight)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_rows, grad_weight = ctx.saved_tensors
+        rows = grad_rows * grad_output.to(grad_rows.dtype) if grad_rows is not None else None
+        weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return rows, weight, None, None
 
 
 # Registered with transformers' Auto classes: `AutoModelForCausalLM.from_pretrained(folder)` of a ChatGLM3
