@@ -13,7 +13,7 @@ import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -161,30 +161,20 @@ class TorchRuntime:
                                        device_index=self.dist.local_rank, **overrides)
         if self.recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if method.name == "full":
-            return model
-        model.requires_grad_(False)
-        if method.name == "ptuning_v2":
-            model.transformer.prefix_encoder.float().requires_grad_(True)
-            return model
-        if method.name == "qlora":
-            if not self.backend.capabilities.bnb_4bit:
-                raise MethodUnavailable(
-                    f"method qlora needs bitsandbytes 4-bit kernels on {self.backend.name}; "
-                    "install them with: pip install 'bitsandbytes>=0.45' (CPU and CUDA; Ascend has none: "
-                    "use method lora there)")
-            n = quantize_linear_4bit(model, method.quant_type, method.double_quant, self.compute_dtype, self.device)
-            log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
-        from peft import LoraConfig, get_peft_model
+        if method.name == "qlora" and not self.backend.capabilities.bnb_4bit:
+            raise MethodUnavailable(
+                f"method qlora needs bitsandbytes 4-bit kernels on {self.backend.name}; "
+                "install them with: pip install 'bitsandbytes>=0.45' (CPU and CUDA; Ascend has none: "
+                "use method lora there)")
 
+        def quantize(frozen: nn.Module) -> None:
+            n = quantize_linear_4bit(frozen, method.quant_type, method.double_quant, self.compute_dtype, self.device)
+            log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
+
+        peft_model = apply_method(model, method, self.family, quantize if method.name == "qlora" else None)
+        if method.name in ("full", "ptuning_v2"):
+            return peft_model
         targets = list(method.target_modules or self.family.lora_targets)
-        config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                            target_modules=targets, task_type="CAUSAL_LM")
-        try:
-            peft_model = get_peft_model(model, config)
-        except ValueError as e:  # peft: no module matches target_modules
-            raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {self.family.model_type}'s linear "
-                                    f"layers are {', '.join(self.family.linear_layers)}") from None
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
         if method.init_from:
             from peft import set_peft_model_state_dict
@@ -342,6 +332,30 @@ class TorchRuntime:
             return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
         finally:
             self.model.train()
+
+
+def apply_method(model: nn.Module, method, family, quantize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """`model` made ready for `method`: what it does not train frozen and its adapter added (LoRA and
+    QLoRA through peft, after `quantize` has rounded the frozen base). Reads no weights, so it works on
+    the meta device too (`tuneport estimate`)."""
+    if method.name == "full":
+        return model
+    model.requires_grad_(False)
+    if method.name == "ptuning_v2":
+        model.transformer.prefix_encoder.float().requires_grad_(True)
+        return model
+    if quantize is not None:
+        quantize(model)
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(method.target_modules or family.lora_targets)
+    config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft: no module matches target_modules
+        raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {family.model_type}'s linear "
+                                f"layers are {', '.join(family.linear_layers)}") from None
 
 
 def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=None, device_index: int = 0) -> nn.Module:

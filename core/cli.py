@@ -515,6 +515,64 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- estimate ----------------------------------------------------------------------------------------
+UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+         "gb": 10**9, "tb": 10**12}
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '80GB', '512MiB' or bytes, as bytes."""
+    import re
+
+    from .trainer import RunError
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise RunError(f"--memory {text}: not an amount of memory; write it like 24GiB, 80GB or 512MiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (its model: a folder, of which only config.json is read, or a builder)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.micro_batch_size=8")
+    p.add_argument("--device", help="cpu, cuda, npu, ... (default: the recipe's)")
+    p.add_argument("--memory", help="the memory to fit in, e.g. 24GiB: prints the largest micro-batch that fits")
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from ..backends import available_backends, pick_backend
+    from .config import load_recipe
+    from .estimate import estimate, largest_batch
+    from .trainer import RunError
+
+    recipe = load_recipe(args.recipe, tuple(args.overrides))
+    device = (args.device or recipe.device).partition(":")[0]
+    if device == "auto":
+        device = pick_backend("auto")[0].partition(":")[0]
+    elif device not in available_backends():
+        raise RunError(f"--device {device}: not one of {', '.join(available_backends())}")
+    t, d = recipe.train, recipe.data
+    mib = 2**20
+    print(f"tuneport estimate: {recipe.model}, method {recipe.method.name}, {device}, precision {recipe.precision}, "
+          f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens")
+    both = {on: estimate(recipe, device, checkpointing=on) for on in (False, True)}
+    print(f"{'':14s}{'checkpointing off':>20s}{'on':>12s}")
+    for part in ("weights", "gradients", "optimizer", "activations", "logits", "runtime"):
+        print(f"  {part:12s}{getattr(both[False], part) / mib:16.0f} MiB{getattr(both[True], part) / mib:8.0f} MiB")
+    print(f"  {'peak':12s}{both[False].peak / mib:16.0f} MiB{both[True].peak / mib:8.0f} MiB")
+    if not args.memory:
+        return 0
+    memory = parse_memory(args.memory)
+    shown = args.memory.replace("GiB", " GiB").replace("MiB", " MiB").replace("GB", " GB").replace("MB", " MB")
+    for on in (False, True):
+        print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
+              f"{largest_batch(recipe, device, memory, on)}")
+    fits = both[t.gradient_checkpointing].peak <= memory
+    print(f"the recipe (checkpointing {'on' if t.gradient_checkpointing else 'off'}) fits in {shown}: "
+          f"{'yes' if fits else 'no'}")
+    return 0 if fits else 1
+
+
 # --- serve -------------------------------------------------------------------------------------------
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from .serve import API_KEY_ENV, Limits
@@ -558,6 +616,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "export": ("merge a tuned adapter into its base model and write the official checkpoint layout",
                add_export_arguments, run_export),
     "serve": ("serve a model and an optional adapter with the OpenAI chat API", add_serve_arguments, run_serve),
+    "estimate": ("predict a recipe's peak training memory from config.json, and the largest micro-batch that fits",
+                 add_estimate_arguments, run_estimate),
     "convert": ("rewrite a checkpoint folder's weights as safetensors shards (no pickle, no torch needed to read)",
                 add_convert_arguments, run_convert),
 }

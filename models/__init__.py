@@ -55,6 +55,9 @@ class ModelFamily:
             layout (for `tuneport export`); optional.
         export_onnx: (torch model, file) -> None, the model as one ONNX generation step with its KV
             cache (the inputs and outputs of `tuneport.core.onnx_generate`), config.json beside; optional.
+        load_config: (folder, **overrides) -> the validated config from config.json alone; optional.
+        model_class: (config) -> an untrained torch model of that config (for `tuneport estimate`, which
+            builds it on the meta device); optional.
         chat: () -> the module with its chat protocol for the server (`history_from_openai`,
             `split_reply`, `parse_tool_call`, `ChatFormatError`); optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
@@ -72,6 +75,8 @@ class ModelFamily:
     save_official: Optional[Callable[[Any, Path], None]] = None
     export_onnx: Optional[Callable[[Any, Path], None]] = None
     chat: Optional[Callable[[], Any]] = None
+    model_class: Optional[Callable[[Any], Any]] = None
+    load_config: Optional[Callable[..., Any]] = None
     mindspore: Optional[Callable[[], Any]] = None
 
 

@@ -24,7 +24,8 @@ def _export_onnx(model, path):
 def family() -> ModelFamily:
     from . import builders
     from .checkpoint import check_checkpoint, convert_to_safetensors, load_model, save_official
-    from .files import check_vocabulary, load_tokenizer
+    from .files import check_vocabulary, load_config, load_tokenizer
+    from .model import ChatGLMForConditionalGeneration
 
     return ModelFamily(
         model_type="chatglm",
@@ -39,5 +40,7 @@ def family() -> ModelFamily:
         save_official=save_official,
         export_onnx=_export_onnx,
         chat=lambda: import_module(".chat", __package__),
+        model_class=ChatGLMForConditionalGeneration,
+        load_config=load_config,
         mindspore=_mindspore,
     )

@@ -419,21 +419,28 @@ class _LabelLoss(torch.autograd.Function):
         grad_rows = torch.empty_like(rows) if rows.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         # Under autocast the matmuls run in the autocast dtype, as the full path's output layer does.
+        # One chunk's float32 logits are the only large tensor: the log-sum-exp, the softmax and its
+        # gradient are formed in place in them.
         for start in range(0, rows.shape[0], LOSS_CHUNK):
             chunk, target = rows[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
             product = torch.matmul(chunk, weight.t())
+            dtype = product.dtype
             logits = product.float()
-            logsumexp = logits.logsumexp(dim=-1)
-            total += (logsumexp - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            if grad_rows is None and grad_weight is None:
-                continue
-            grad = logits.sub_(logsumexp[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(len(target), device=grad.device), target] -= 1.0
-            grad = (grad * scale).to(product.dtype)
-            if grad_rows is not None:
-                grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad, weight.to(grad.dtype))
-            if grad_weight is not None:
-                grad_weight += torch.matmul(grad.t(), chunk.to(grad.dtype)).float()
+            del product
+            picked = logits.gather(1, target[:, None])
+            peak = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - max)
+            total += (peak + sums.log() - picked).sum()
+            if grad_rows is not None or grad_weight is not None:
+                grad = logits.div_(sums)  # the softmax
+                grad[torch.arange(len(target), device=grad.device), target] -= 1.0
+                grad = grad.mul_(scale).to(dtype)
+                if grad_rows is not None:
+                    grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad, weight.to(dtype))
+                if grad_weight is not None:
+                    grad_weight += torch.matmul(grad.t(), chunk.to(dtype)).float()
+                del grad
+            del logits
         ctx.save_for_backward(grad_rows, grad_weight)
         return total * scale
 

@@ -1,0 +1,194 @@
+"""`tuneport estimate`: the peak memory of a recipe's training step, from config.json alone.
+
+The model is built on torch's meta device (shapes, no memory, no weights read) with the recipe's
+method applied, so parameter counts and dtypes are exactly those of our implementation. Activations
+are the tensors our forward saves for backward, recorded by running it on meta tensors. The parts:
+
+- weights: every parameter and buffer in its training dtype (frozen base weights in the compute dtype);
+- gradients and optimizer state: float32 gradients and AdamW's two moments for trainable parameters;
+- activations: what the forward saves (with checkpointing: each layer's input, plus one layer's
+  recomputation held during backward);
+- logits/loss: the label-only loss's working set, one chunk of float32 logits, and the label rows;
+- runtime: the framework itself (on the CPU the process's resident memory before any model; on an
+  accelerator the allocator counts tensors only, so 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from ..models import builder_family, builder_names, family_for
+from .config import resolve_path
+
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
+LOSS_CHUNK = 1024  # rows of logits the label-only loss forms at once (models/chatglm3/model.py)
+
+
+@dataclass
+class Estimate:
+    """Predicted peak memory of one training step, in bytes, by part."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    runtime: int
+
+    @property
+    def peak(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+def _family_and_config(recipe):
+    """The recipe's model family and config (with the method's config changes), reading config.json only."""
+    from .methods import model_overrides
+    from .trainer import RunError
+
+    overrides = model_overrides(recipe.method)
+    if recipe.model in builder_names():
+        family = builder_family(recipe.model)
+        config = family.builders[recipe.model][0]()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return family, config
+    folder = resolve_path(recipe.model)
+    family = family_for(folder)
+    if family.model_class is None or family.load_config is None:
+        raise RunError(f"{folder}: estimating {family.model_type} models is not supported")
+    return family, family.load_config(folder, **overrides)
+
+
+def _meta_model(family, config, method, compute, checkpointing: bool):
+    """The model as training builds it (dtypes, frozen parts, adapter), on the meta device."""
+    import torch
+
+    from ..backends.torch_runtime import apply_method
+
+    with torch.device("meta"):
+        model = family.model_class(config).to(torch.float32 if method.name == "full" else compute)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model = apply_method(model, method, family)
+    return model.train()
+
+
+def _saved_bytes(model, seq: int) -> int:
+    """Bytes the forward of one sample of `seq` tokens saves for backward (not the weights), on meta tensors."""
+    import torch
+
+    weights = {id(t) for t in [*model.parameters(), *model.buffers()]}  # counted as weights already
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t  # a saved view keeps all of its base alive
+        if id(base) not in weights:
+            saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = inner.transformer(input_ids=torch.zeros(1, seq, dtype=torch.long, device="meta"))
+    return sum(saved.values()) + hidden.numel() * hidden.element_size()  # the final hidden feeds the loss
+
+
+def runtime_bytes(device: str) -> int:
+    """Memory the framework holds before any model: this process's resident memory now on the CPU
+    (imports done), 0 on an accelerator."""
+    if device != "cpu":
+        return 0
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+@dataclass
+class _Parts:
+    """What an estimate needs, worked out once: the batch-independent parts and how the rest grow."""
+
+    fixed: Estimate  # weights, gradients, optimizer and runtime; activations and logits 0
+    per_sample: int  # activation bytes of one sample
+    vocab: int
+    hidden: int
+    size: int  # bytes per element in the compute dtype
+
+    def at(self, recipe, batch: int) -> Estimate:
+        data = recipe.data
+        seq = data.max_input_length + data.max_output_length + 1
+        rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)
+        cast = self.size if self.size < 4 else 0  # the gradient cast back to the compute dtype
+        logits = min(rows, LOSS_CHUNK) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
+        return dataclasses.replace(self.fixed, activations=self.per_sample * batch, logits=logits)
+
+
+def _precision(requested: str, device: str) -> str:
+    """The compute precision: as asked, or what `auto` picks on `device` (bf16 on an accelerator this
+    machine cannot reach, so a GPU's or NPU's run is estimated from any machine)."""
+    from ..backends import BackendUnavailable, get_backend
+    from .precision import resolve_precision
+
+    if requested != "auto":
+        return requested
+    try:
+        return resolve_precision(requested, device, get_backend(device).capabilities).compute
+    except BackendUnavailable:
+        return "bf16"
+
+
+def _parts(recipe, device: str, checkpointing: Optional[bool], runtime: Optional[int]) -> _Parts:
+    import torch
+
+    from ..backends.torch_runtime import DTYPES
+    from .trainer import RunError
+
+    if recipe.method.name == "qlora":
+        raise RunError("tuneport estimate: method qlora is not estimated yet (bitsandbytes builds its 4-bit base "
+                       "on the device); estimate method lora for an upper bound")
+    compute = DTYPES[_precision(recipe.precision, device)]
+    family, config = _family_and_config(recipe)
+    checkpointing = recipe.train.gradient_checkpointing if checkpointing is None else checkpointing
+    seq = recipe.data.max_input_length + recipe.data.max_output_length + 1
+    model = _meta_model(family, config, recipe.method, compute, checkpointing)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_sample = _saved_bytes(model, seq)
+    if checkpointing:  # backward recomputes one layer at a time and holds its activations meanwhile
+        per_sample += _saved_bytes(_meta_model(family, config, recipe.method, compute, False), seq) // config.num_layers
+    fixed = Estimate(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * ADAM_STATES, activations=0,
+                     logits=0, runtime=runtime_bytes(device) if runtime is None else runtime)
+    return _Parts(fixed, per_sample, config.padded_vocab_size, config.hidden_size,
+                  torch.empty((), dtype=compute).element_size())
+
+
+def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Optional[bool] = None,
+             runtime: Optional[int] = None) -> Estimate:
+    """The predicted peak memory of one training step of `recipe` on `device`.
+
+    Args:
+        recipe: the Recipe: model (a folder, of which only config.json is read, or a builder name),
+            method, precision, sequence limits, micro-batch and gradient checkpointing.
+        device: the device name, for the compute dtype and the runtime part.
+        batch, checkpointing: override the recipe's micro-batch size and gradient checkpointing.
+        runtime: override the runtime part, in bytes.
+
+    Raises:
+        RunError: a method or model family that cannot be estimated.
+    """
+    return _parts(recipe, device, checkpointing, runtime).at(recipe, batch or recipe.train.micro_batch_size)
+
+
+def largest_batch(recipe, device: str, memory: int, checkpointing: Optional[bool] = None,
+                  runtime: Optional[int] = None, limit: int = 1 << 16) -> int:
+    """The largest micro-batch (up to `limit`) whose estimate fits in `memory` bytes; 0 if one sample does not."""
+    parts = _parts(recipe, device, checkpointing, runtime)
+    low, high = 0, limit  # the estimate grows with the batch: bisect
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if parts.at(recipe, middle).peak <= memory else (low, middle - 1)
+    return low

@@ -1,0 +1,123 @@
+"""`tuneport estimate` against the memory a training step really takes: each configuration trains two
+steps with tuneport's runtime in its own process, whose peak resident memory is the measurement.
+
+The peak is the process's high-water mark of resident memory from just before the estimate (Linux's
+VmHWM, reset through /proc/self/clear_refs). glibc keeps freed blocks below its mmap threshold, which
+makes RSS overstate what a process holds; the workers set M_MMAP_THRESHOLD so that RSS follows their
+allocations.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneport.core.cli import main
+from tuneport.core.config import load_recipe
+from tuneport.core.estimate import estimate, largest_batch
+from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration
+from tuneport.models.chatglm3.config import chatglm3_6b_config
+
+WORKER = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from tuneport.backends import get_backend
+from tuneport.backends.torch_runtime import TorchRuntime
+from tuneport.core.config import load_recipe
+from tuneport.core.estimate import estimate
+from tuneport.core.precision import resolve_precision
+
+recipe = load_recipe(json.loads(sys.argv[1]))
+with open("/proc/self/clear_refs", "w") as f:  # the peak starts here, not at an import's passing spike
+    f.write("5")
+predicted = estimate(recipe, "cpu")  # its runtime part: the resident memory now, imports done
+backend = get_backend("cpu")
+runtime = TorchRuntime(recipe, backend, resolve_precision(recipe.precision, "cpu", backend.capabilities),
+                       Path(recipe.model))
+d, b = recipe.data, recipe.train.micro_batch_size
+seq = d.max_input_length + d.max_output_length + 1
+ids = np.random.default_rng(0).integers(0, 60000, (b, seq))
+labels = ids.copy()
+labels[:, :d.max_input_length + 1] = -100
+batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids)}
+for _ in range(2):
+    runtime.forward_backward(batch, int((labels[:, 1:] != -100).sum()))
+    runtime.optimizer_step(1e-4, 1.0)
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"measured": peak_kib * 1024,
+                  "predicted": predicted.peak, "parts": vars(predicted)}))
+"""
+
+SIZES = {"h256": dict(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, kv_channels=64),
+         "h512": dict(num_layers=3, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8, kv_channels=64)}
+CONFIGS = [  # size, method, batch, input + output tokens, checkpointing
+    ("h256", "lora", 4, (64, 191), False),
+    ("h256", "lora", 4, (64, 191), True),
+    ("h512", "lora", 8, (128, 383), False),
+    ("h512", "ptuning_v2", 2, (256, 255), False),
+    ("h256", "full", 2, (32, 95), False),
+    ("h512", "lora", 1, (512, 511), True),
+]
+
+
+def recipe_for(folder, method, batch, lengths, checkpointing):
+    methods = {"lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["query_key_value"]},
+               "ptuning_v2": {"name": "ptuning_v2", "num_virtual_tokens": 16}, "full": {"name": "full"}}
+    return {"model": str(folder), "method": methods[method], "precision": "fp32", "device": "cpu",
+            "data": {"train": "unused.jsonl", "max_input_length": lengths[0], "max_output_length": lengths[1]},
+            "train": {"micro_batch_size": batch, "gradient_checkpointing": checkpointing, "max_steps": 1}}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+    for name, size in SIZES.items():
+        torch.manual_seed(0)
+        made[name] = tmp_path_factory.mktemp(name)
+        ChatGLMForConditionalGeneration(chatglm3_6b_config(dtype="float32", **size)).save_pretrained(made[name])
+    return made
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-memory reset")
+@pytest.mark.parametrize("size, method, batch, lengths, checkpointing", CONFIGS)
+def test_estimate_is_near_the_measured_peak(folders, size, method, batch, lengths, checkpointing):
+    recipe = recipe_for(folders[size], method, batch, lengths, checkpointing)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(recipe)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ratio = result["predicted"] / result["measured"]
+    print(f"\nestimate: {size} {method} batch {batch} seq {sum(lengths) + 1} checkpointing {checkpointing}: predicted "
+          f"{result['predicted'] / 2**20:.0f} MiB, measured {result['measured'] / 2**20:.0f} MiB, ratio {ratio:.3f}")
+    assert 0.8 < ratio < 1.2  # generous: the README's table gives the measured ratios
+
+
+def test_estimate_parts_and_the_largest_batch(folders):
+    recipe = load_recipe(recipe_for(folders["h512"], "lora", 4, (128, 383), False))
+    plain = estimate(recipe, "cpu", runtime=0)
+    checkpointed = estimate(recipe, "cpu", checkpointing=True, runtime=0)
+    assert checkpointed.activations < plain.activations / 2 and checkpointed.weights == plain.weights
+    # LoRA r 8 on query_key_value of 3 layers: r x (in 512 + out 8 x 64 + 2 x 2 x 64), float32
+    assert plain.gradients == 4 * 3 * 8 * (512 + 512 + 2 * 2 * 64)
+    assert plain.optimizer == 2 * plain.gradients
+    memory = plain.peak
+    assert largest_batch(recipe, "cpu", memory, runtime=0) == 4  # the estimated batch is the largest that fits
+    assert largest_batch(recipe, "cpu", plain.weights, runtime=0) == 0
+
+
+def test_estimate_command(folders, tmp_path, capsys):
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe_for(folders["h256"], "lora", 4, (64, 191), False)))
+    assert main(["estimate", str(recipe_file), "--memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "weights" in out and "activations" in out and "fits in 64 GiB: yes" in out
+    assert main(["estimate", str(recipe_file), "--memory", "100MiB"]) == 1
+    assert "fits in 100 MiB: no" in capsys.readouterr().out
+    assert main(["estimate", str(recipe_file), "--memory", "lots"]) == 2
+    assert "--memory lots: not an amount of memory" in capsys.readouterr().err
