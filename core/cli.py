@@ -91,8 +91,11 @@ def read_recipe(args: argparse.Namespace, demo: bool):
         raise RunError(f"--resume {resume_dir}: not a tuneport run folder (no {rundir.MARKER} and recipe.yaml); "
                        "give the output_dir of a run")
     # The folder is set as a value, not parsed as a YAML override ("runs/exp #2" would lose its "#2").
-    stored = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml"), output_dir=str(resume_dir))
-    recipe = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml", tuple(overrides)), output_dir=str(resume_dir))
+    # A run from before length grouping existed keeps its plain shuffle.
+    earlier = () if "group_by_length" in (resume_dir / "recipe.yaml").read_text() else ("data.group_by_length=false",)
+    stored = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml", earlier), output_dir=str(resume_dir))
+    recipe = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml", (*earlier, *overrides)),
+                                 output_dir=str(resume_dir))
     changed = changed_keys(stored, recipe)
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
     if refused:

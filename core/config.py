@@ -44,6 +44,7 @@ class DataConfig:
     format: str = "auto"  # auto | conversations | alpaca | advertisegen | sharegpt
     max_input_length: int = 256  # samples are cut to max_input + max_output + 1 tokens (official demo)
     max_output_length: int = 512
+    group_by_length: bool = True  # batches of similar lengths (less padding); seeded, exact on resume
 
 
 @dataclass

@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -471,20 +471,39 @@ def collate(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of samples in one epoch: a permutation fixed by (seed, epoch) alone.
+GROUP_WINDOW = 32  # batches whose samples are sorted by length together
 
-    Depending on nothing else (no global RNG state) lets a resumed run replay the same order.
+
+def epoch_order(num_samples: int, seed: int, epoch: int, lengths: Optional[Sequence[int]] = None,
+                batch: int = 1) -> np.ndarray:
+    """The order of samples in one epoch: a permutation fixed by (seed, epoch) and the lengths alone.
+
+    Depending on nothing else (no global RNG state) lets a resumed run replay the same order. With
+    `lengths`, the order groups samples of similar length into batches, to cut padding: the shuffled
+    samples are taken `GROUP_WINDOW` batches at a time and sorted by length, cut into batches of `batch`,
+    and the batches are shuffled (a last, partial batch stays last, so the others keep their places).
 
     Args:
         num_samples: how many samples to order.
         seed: the run's seed (non-negative).
         epoch: the epoch number (non-negative).
+        lengths: each sample's length, to group by; None for a plain shuffle.
+        batch: samples per batch (all processes together), for grouping.
 
     Returns:
         A permutation of range(num_samples), int64.
     """
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_samples)
+    if lengths is None or batch <= 1 or num_samples <= batch:
+        return order
+    lengths = np.asarray(lengths)
+    window = batch * GROUP_WINDOW
+    grouped = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                              for chunk in np.split(order, range(window, num_samples, window))])
+    full = num_samples // batch * batch
+    batches = grouped[:full].reshape(-1, batch)[rng.permutation(full // batch)]
+    return np.concatenate((batches.reshape(-1), grouped[full:]))
 
 
 def file_sha256(path: PathLike) -> str:

@@ -120,18 +120,20 @@ class Position:
 
 
 def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position,
-                  rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+                  rank: int = 0, world_size: int = 1, group_by_length: bool = False) -> Iterator[dict]:
     """Endless stream of this process's right-padded micro-batches; advances `pos`.
 
-    Samples are taken in a per-epoch shuffled order, `size * world_size` at a time (running on into
-    the next epoch at an epoch's end, so every batch is full), and process `rank` takes its slice.
-    One process with micro-batch M*W therefore sees exactly the samples W processes of M see.
+    Samples are taken in a per-epoch shuffled order (with `group_by_length`, one that puts samples of
+    similar length together: `epoch_order`), `size * world_size` at a time (running on into the next
+    epoch at an epoch's end, so every batch is full), and process `rank` takes its slice. One process
+    with micro-batch M*W therefore sees exactly the samples W processes of M see.
     """
     n = len(data.samples)
+    lengths = [len(ids) for ids, _ in data.samples] if group_by_length else None
     while True:
         chosen: list[int] = []
         while len(chosen) < size * world_size:
-            order = epoch_order(n, seed, pos.epoch)
+            order = epoch_order(n, seed, pos.epoch, lengths, size * world_size)
             take = order[pos.offset: pos.offset + size * world_size - len(chosen)]
             chosen += take.tolist()
             pos.offset += len(take)
@@ -432,7 +434,7 @@ def train(
     step, pos = start or (0, Position())
     metrics = MetricsLog(output_dir, step if start else None) if dist.is_main else None
     stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
-                           dist.rank, dist.world_size)
+                           dist.rank, dist.world_size, recipe.data.group_by_length)
 
     from tqdm import tqdm
 

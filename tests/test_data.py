@@ -243,3 +243,23 @@ def test_file_sha256(tmp_path):
     # FIPS 180-2's test vector for "abc".
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert file_sha256(path) == hashlib.sha256(b"abc").hexdigest()
+
+
+@pytest.mark.parametrize("num_samples, batch", [(100, 4), (103, 4), (1000, 8), (5, 8)])
+def test_length_grouping_orders_every_sample_once_and_cuts_padding(num_samples, batch):
+    lengths = np.random.default_rng(0).integers(10, 500, num_samples)
+    grouped = epoch_order(num_samples, seed=42, epoch=3, lengths=lengths, batch=batch)
+    assert sorted(grouped.tolist()) == list(range(num_samples))  # each sample exactly once in the epoch
+    assert np.array_equal(grouped, epoch_order(num_samples, seed=42, epoch=3, lengths=lengths, batch=batch))
+    assert not np.array_equal(grouped, epoch_order(num_samples, seed=42, epoch=4, lengths=lengths, batch=batch))
+
+    def padding(order):  # padded positions when batches are cut from the order
+        full = len(order) // batch * batch
+        rows = lengths[order[:full]].reshape(-1, batch)
+        return int((rows.max(axis=1, keepdims=True) - rows).sum())
+
+    plain = epoch_order(num_samples, seed=42, epoch=3)
+    if num_samples > batch:
+        assert padding(grouped) < padding(plain) / 3
+    else:
+        assert np.array_equal(grouped, plain)
