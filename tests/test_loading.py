@@ -135,6 +135,26 @@ def test_save_pretrained_round_trip(golden, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_the_demo_builder_writes_save_pretrained_files_without_importing_deepspeed(tmp_path):
+    """The builder writes what `save_pretrained` would, byte for byte, but not through it: transformers'
+    save_pretrained unwraps the model through accelerate, which imports DeepSpeed wherever it is installed."""
+    import filecmp
+    import subprocess
+    import sys
+
+    from tuneport.models.chatglm3.builders import builder_config
+
+    script = ("import sys; from pathlib import Path; from tuneport.models.chatglm3.builders import build_model_folder; "
+              f"build_model_folder('demo', Path({str(tmp_path / 'built')!r})); print('deepspeed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "False", result.stderr[-2000:]
+    torch.manual_seed(0)  # as the builder
+    ChatGLMForConditionalGeneration(builder_config("demo")).save_pretrained(tmp_path / "reference")
+    names = sorted(f.name for f in (tmp_path / "reference").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors"]
+    assert all(filecmp.cmp(tmp_path / "reference" / n, tmp_path / "built" / n, shallow=False) for n in names)
+
+
 def prefix_adapter(golden, folder, rename=None):
     """A P-tuning v2 result folder made from the golden prefix encoder (keys optionally renamed)."""
     folder.mkdir()

@@ -23,6 +23,15 @@ def test_console_script_version_and_help(tmp_path):
     assert result.returncode == 0 and "usage: tuneport" in result.stdout
 
 
+def test_help_imports_no_heavy_library(tmp_path):
+    """`tuneport --help` stays fast: the argument builders import no framework or optional library."""
+    script = ("import sys; from tuneport.core.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+              "print(sorted({m.partition('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'numpy', "
+              "'deepspeed', 'bitsandbytes', 'matplotlib', 'tensorboardX', 'fastapi'}))")
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
 def test_namespace_package_has_no_init():
     import tuneport
 

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .files import load_tokenizer
 from .config import chatglm3_tiny_config
@@ -51,7 +52,13 @@ def build_model_folder(name: str, folder: Path) -> None:
     torch.set_rng_state(generator_state)
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # The files `model.save_pretrained(tmp)` writes, byte for byte, written without it: its unwrap_model goes
+    # through accelerate, which imports DeepSpeed wherever it is installed (a quarter second and its accelerator
+    # warning on every demo).
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_file(model.state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(tokenizer_file, tmp / "tokenizer.model")
     tmp.rename(folder)
 
