@@ -1,0 +1,243 @@
+"""Training throughput and memory: tuneport's loop against transformers.Trainer + peft. Not a test.
+
+Both train the same ChatGLM3-architecture model (identical initial weights, saved once), on the same
+AdvertiseGen batches in the same order, with the same LoRA settings (r 8 on query_key_value), AdamW,
+learning rate and precision:
+  (a) tuneport: `TorchRuntime.forward_backward` + `optimizer_step`, as `tuneport train` runs them;
+  (b) hf: `transformers.Trainer` over a `peft` model calling the model's standard forward with labels
+      (full logits), the path every transformers user gets and the official fine-tuning demo runs.
+Each run is its own process, so peak memory is that path's alone (peak RSS on the CPU, the backend's
+peak on an accelerator); (a) and (b) alternate for `--rounds` rounds, as machines are noisy.
+Reported: median tokens/s after warm-up (non-padding tokens), peak memory, per-step losses, and the eval
+loss on held-out batches after the same samples.
+
+    python bench/train_throughput.py --size small                 (the CPU comparison of issue 11)
+    python bench/train_throughput.py --size tiny --rounds 1 --steps 6
+    python bench/train_throughput.py --size 6b --device cuda --precision bf16
+
+Last line: `tokens/s ratio tuneport/hf: X.XX, peak memory ratio: Y.YY, eval loss delta: Z`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data" / "advertisegen"
+TOKENIZER = SHARED / "golden" / "chatglm3" / "checkpoint" / "tokenizer.model"
+SIZES = {  # ChatGLM3's architecture and its real 65,024-word vocabulary
+    "tiny": dict(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, kv_channels=64),
+    "small": dict(num_layers=4, hidden_size=1024, ffn_hidden_size=3424, num_attention_heads=8, kv_channels=128),
+    "6b": {},
+}
+LR = 1e-3
+
+
+def build_model(size: str, folder: Path, dtype: str) -> None:
+    """The benchmark's base model, with fixed random weights, saved in the official layout."""
+    import torch
+
+    from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration
+    from tuneport.models.chatglm3.config import chatglm3_6b_config
+
+    torch.manual_seed(0)
+    name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    config = chatglm3_6b_config(seq_length=2048, dtype=name, **SIZES[size])
+    torch.set_default_dtype(getattr(torch, name))
+    model = ChatGLMForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+
+
+def batches(folder: Path, batch: int, count: int, offset: int = 0):
+    """`count` right-padded batches of AdvertiseGen (the official demo's data), in file order."""
+    from tuneport.core.data import collate, encode_dataset
+    from tuneport.models.chatglm3.files import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    data = encode_dataset(DATA / "train.json", tokenizer, "advertisegen", 128, 128)
+    samples = data.samples[offset * batch:]
+    return [collate(samples[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(count)], tokenizer
+
+
+def peak_memory(device: str) -> float:
+    """Peak memory of this process in MiB: the backend's peak on an accelerator, peak RSS on the CPU."""
+    import resource
+
+    if device != "cpu":
+        from tuneport.backends import get_backend
+
+        return get_backend(device).memory_stats().peak / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_tuneport(folder: Path, args) -> dict:
+    from tuneport.backends import get_backend
+    from tuneport.backends.torch_runtime import TorchRuntime
+    from tuneport.core.config import load_recipe
+    from tuneport.core.precision import resolve_precision
+    from tuneport.core.trainer import label_tokens
+
+    recipe = load_recipe({"model": str(folder), "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                                                         "target_modules": ["query_key_value"]},
+                          "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": LR,
+                                    "gradient_checkpointing": args.checkpointing, "seed": 0, "grad_clip": 1.0},
+                          "data": {"train": str(DATA / "train.json"), "format": "advertisegen"},
+                          "precision": args.precision, "device": args.device})
+    backend = get_backend(args.device)
+    precision = resolve_precision(args.precision, args.device, backend.capabilities)
+    runtime = TorchRuntime(recipe, backend, precision, folder)
+    train, _ = batches(folder, args.batch, args.steps)
+    times, losses = [], []
+    for batch in train:
+        start = time.perf_counter()
+        losses.append(runtime.forward_backward(batch, label_tokens(batch)))
+        runtime.optimizer_step(LR, 1.0)
+        getattr(backend, "synchronize", lambda: None)()
+        times.append(time.perf_counter() - start)
+    evals, _ = batches(folder, args.batch, args.eval_batches, offset=args.steps)
+    total, count = 0.0, 0
+    for batch in evals:
+        loss, n = runtime.eval_loss(batch)
+        total, count = total + loss, count + n
+    return {"times": times, "losses": losses, "tokens": [int(b["attention_mask"].sum()) for b in train],
+            "eval_loss": total / count}
+
+
+def run_hf(folder: Path, args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import Dataset, SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from tuneport.models.chatglm3 import load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    torch.manual_seed(0)  # the same LoRA initialisation as tuneport's: seed 0, load, wrap
+    model = load_model(folder, args.device, dtype=dtype)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    train, _ = batches(folder, args.batch, args.steps)
+    rows = [{k: torch.from_numpy(v[i]) for k, v in b.items()} for b in train for i in range(args.batch)]
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    def collate(items):  # the batches above, unchanged (already padded to their longest row)
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    class InOrder(Trainer):  # the same batches in the same order as tuneport's run
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self.start = [], [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=LR,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            optim="adamw_torch", logging_steps=1, report_to=[], save_strategy="no", seed=0,
+            bf16=args.precision == "bf16", use_cpu=args.device == "cpu", dataloader_num_workers=0,
+            remove_unused_columns=False, disable_tqdm=True)
+        InOrder(model=model, args=training, train_dataset=Rows(), data_collator=collate,
+                callbacks=[clock]).train()
+    evals, _ = batches(folder, args.batch, args.eval_batches, offset=args.steps)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in evals:
+            inputs = {k: torch.from_numpy(v).to(model.device) for k, v in batch.items()}
+            total += float(model(**inputs, num_items_in_batch=1, use_cache=False).loss)
+            count += int((inputs["labels"][:, 1:] != -100).sum())
+    return {"times": clock.times, "losses": clock.losses, "tokens": [int(b["attention_mask"].sum()) for b in train],
+            "eval_loss": total / count}
+
+
+def worker(args) -> None:
+    result = (run_tuneport if args.worker == "tuneport" else run_hf)(Path(args.model_dir), args)
+    result["peak_mib"] = peak_memory(args.device)
+    print("RESULT " + json.dumps(result))
+
+
+def summary(result: dict, warmup: int) -> tuple[float, float]:
+    """(median tokens/s after warm-up, peak MiB)."""
+    rates = [n / t for n, t in zip(result["tokens"][warmup:], result["times"][warmup:])]
+    return statistics.median(rates), result["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--worker", choices=("tuneport", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / f"chatglm3-{args.size}"
+        build_model(args.size, folder, args.precision)
+        results: dict[str, list[dict]] = {"tuneport": [], "hf": []}
+        passthrough = sys.argv[1:]
+        for round_ in range(args.rounds):
+            for path in ("tuneport", "hf"):
+                done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", path,
+                                       "--model-dir", str(folder)], capture_output=True, text=True)
+                line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+                if done.returncode or not line:
+                    sys.exit(f"{path} run failed:\n{done.stderr[-3000:]}")
+                result = json.loads(line[-1][7:])
+                results[path].append(result)
+                rate, peak = summary(result, args.warmup)
+                print(f"round {round_ + 1} {path:8s}: {rate:8.1f} tokens/s, peak {peak:8.0f} MiB, "
+                      f"eval loss {result['eval_loss']:.5f}, losses {' '.join(f'{x:.4f}' for x in result['losses'])}",
+                      flush=True)
+    ours, theirs = results["tuneport"][-1], results["hf"][-1]
+    steps = min(len(ours["losses"]), len(theirs["losses"]))
+    worst = max(abs(a - b) for a, b in zip(ours["losses"][:steps], theirs["losses"][:steps]))
+    rate = statistics.median(summary(r, args.warmup)[0] for r in results["tuneport"]) / \
+        statistics.median(summary(r, args.warmup)[0] for r in results["hf"])
+    memory = statistics.median(r["peak_mib"] for r in results["tuneport"]) / \
+        statistics.median(r["peak_mib"] for r in results["hf"])
+    print(f"size {args.size}, {args.device}, {args.precision}, batch {args.batch}, checkpointing "
+          f"{args.checkpointing}, {args.steps} steps x {args.rounds} rounds; largest per-step loss difference {worst:.2e}")
+    print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "
+          f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e}")
+
+
+if __name__ == "__main__":
+    main()
