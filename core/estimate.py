@@ -25,7 +25,7 @@ from ..models import builder_family, builder_names, family_for
 from .config import resolve_path
 
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
-LOSS_CHUNK = 1024  # rows of logits the label-only loss forms at once (models/chatglm3/model.py)
+LOSS_CHUNK = 256  # rows of logits the label-only loss forms at once (models/chatglm3/model.py)
 
 
 @dataclass

@@ -385,7 +385,7 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
-LOSS_CHUNK = 1024  # label positions per chunk: float32 logits of 1024 x 65,024 are 254 MiB
+LOSS_CHUNK = 256  # label positions per chunk: float32 logits of 256 x 65,024 are 64 MiB
 
 
 def label_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
