@@ -120,20 +120,21 @@ class Position:
 
 
 def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position,
-                  rank: int = 0, world_size: int = 1, group_by_length: bool = False) -> Iterator[dict]:
+                  rank: int = 0, world_size: int = 1, group: int = 0) -> Iterator[dict]:
     """Endless stream of this process's right-padded micro-batches; advances `pos`.
 
-    Samples are taken in a per-epoch shuffled order (with `group_by_length`, one that puts samples of
-    similar length together: `epoch_order`), `size * world_size` at a time (running on into the next
+    Samples are taken in a per-epoch shuffled order (with `group`, one whose runs of `group` samples
+    hold similar lengths: `epoch_order`), `size * world_size` at a time (running on into the next
     epoch at an epoch's end, so every batch is full), and process `rank` takes its slice. One process
-    with micro-batch M*W therefore sees exactly the samples W processes of M see.
+    with micro-batch M*W therefore sees exactly the samples W processes of M see, and with `group` the
+    samples of one optimizer step, the same samples whatever the accumulation.
     """
     n = len(data.samples)
-    lengths = [len(ids) for ids, _ in data.samples] if group_by_length else None
+    lengths = [len(ids) for ids, _ in data.samples] if group > 1 else None
     while True:
         chosen: list[int] = []
         while len(chosen) < size * world_size:
-            order = epoch_order(n, seed, pos.epoch, lengths, size * world_size)
+            order = epoch_order(n, seed, pos.epoch, lengths, group)
             take = order[pos.offset: pos.offset + size * world_size - len(chosen)]
             chosen += take.tolist()
             pos.offset += len(take)
@@ -433,8 +434,9 @@ def train(
     ckpt_root = output_dir / "checkpoints"
     step, pos = start or (0, Position())
     metrics = MetricsLog(output_dir, step if start else None) if dist.is_main else None
+    per_step = t.micro_batch_size * dist.world_size * t.grad_accum  # grouped by what one optimizer step takes
     stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
-                           dist.rank, dist.world_size, recipe.data.group_by_length)
+                           dist.rank, dist.world_size, per_step if recipe.data.group_by_length else 0)
 
     from tqdm import tqdm
 
