@@ -5,6 +5,9 @@
    LoRA r 8 on query_key_value, AdamW), first with the reference kernels (the named baseline), then
    with the CUDA backend's kernels: tokens/s, model FLOP utilisation against the card's peak, peak
    memory, and the speed-up ratio.
+3. The same run through the model's standard forward with full logits (what transformers.Trainer +
+   peft and the official code compute), against tuneport's label-only loss: the tokens/s and peak
+   memory ratios.
 
     python bench/cuda_check.py [--steps 20] [--seq 2048] [--json out.json]
     python bench/cuda_check.py --device cpu --layers 1 --seq 64 --steps 2 --fp32   (smoke test of the script)
@@ -58,8 +61,12 @@ def kernel_errors(backend) -> dict:
     return results
 
 
-def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.dtype) -> dict:
-    """Train LoRA on a random-weight ChatGLM3-6B for `steps` steps; returns speed and memory."""
+def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.dtype, loss_only: bool = True) -> dict:
+    """Train LoRA on a random-weight ChatGLM3-6B for `steps` steps; returns speed and memory.
+
+    The first third of each sequence is a prompt without labels, as in fine-tuning data. `loss_only`:
+    tuneport's label-only loss; False: the model's standard forward with full logits, the path of
+    transformers.Trainer + peft and the official code."""
     from peft import LoraConfig, get_peft_model
 
     device = backend.device()
@@ -75,12 +82,14 @@ def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.d
         p.data = p.data.float()  # trainable weights in fp32, as the trainer keeps them
     optimizer = torch.optim.AdamW(params, lr=5e-5)
     ids = torch.randint(0, 64789, (1, seq), device=device)
+    labels = ids.clone()
+    labels[:, :seq // 3] = -100
     timings = []
     for step in range(steps):
         backend.synchronize()
         start = time.perf_counter()
         with backend.autocast(dtype):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = model(input_ids=ids, labels=labels, use_cache=False, loss_only=loss_only).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -125,16 +134,22 @@ def main() -> None:
         print(f"  {name:28s} {err:.3e}")
 
     runs = {}
-    for label, kernels in (("reference kernels (baseline)", REFERENCE_KERNELS), ("cuda kernels", backend.kernels)):
-        r = lora_run(backend, kernels, args.steps, args.seq, args.layers, torch.float32 if args.fp32 else torch.bfloat16)
+    variants = (("reference kernels (baseline)", REFERENCE_KERNELS, True), ("cuda kernels", backend.kernels, True),
+                ("cuda kernels, full logits (the HF / official path)", backend.kernels, False))
+    for label, kernels, loss_only in variants:
+        r = lora_run(backend, kernels, args.steps, args.seq, args.layers, torch.float32 if args.fp32 else torch.bfloat16,
+                     loss_only)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
         runs[label] = r
         print(f"\nChatGLM3-6B LoRA, {'fp32' if args.fp32 else 'bf16'}, seq {args.seq}, micro-batch 1, {args.steps} steps, {label}:")
         print(f"  {r['tokens_per_s']:.0f} tokens/s, {r['step_s'] * 1000:.0f} ms/step, MFU {r['mfu'] * 100:.1f}%, "
               f"peak memory {r['peak_memory_gib']:.1f} GiB, final loss {r['loss']:.3f}")
     base, fast = runs["reference kernels (baseline)"], runs["cuda kernels"]
+    hf = runs["cuda kernels, full logits (the HF / official path)"]
     print(f"\nspeed-up cuda/reference: {fast['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
           f"peak memory ratio {fast['peak_memory_gib'] / base['peak_memory_gib']:.2f}")
+    print(f"tokens/s ratio tuneport/hf: {fast['tokens_per_s'] / hf['tokens_per_s']:.2f}, "
+          f"peak memory ratio: {fast['peak_memory_gib'] / hf['peak_memory_gib']:.2f} (label-only loss against full logits)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": caps.device_name, "kernel_errors": errors, "runs": runs}, f, indent=2)
