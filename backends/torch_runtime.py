@@ -159,7 +159,7 @@ class TorchRuntime:
         overrides = model_overrides(method)
         model = self.family.load_model(self.model_dir, self.backend, dtype=base_dtype,
                                        device_index=self.dist.local_rank, **overrides)
-        if self.recipe.train.gradient_checkpointing:
+        if self._checkpointing():
             model.gradient_checkpointing_enable()
         if method.name == "qlora" and not self.backend.capabilities.bnb_4bit:
             raise MethodUnavailable(
@@ -189,6 +189,15 @@ class TorchRuntime:
                 raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
                                         "match no layer of this model")
         return peft_model
+
+    def _checkpointing(self) -> bool:
+        """The recipe's gradient checkpointing; `auto` asks the memory estimate against the device."""
+        wanted = self.recipe.train.gradient_checkpointing
+        if wanted != "auto":
+            return bool(wanted)
+        from ..core.estimate import choose_checkpointing
+
+        return choose_checkpointing(self.recipe, self.backend.name, self.backend.capabilities.memory_total)
 
     # --- training -----------------------------------------------------------------------------------
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

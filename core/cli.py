@@ -570,9 +570,10 @@ def run_estimate(args: argparse.Namespace) -> int:
     for on in (False, True):
         print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
               f"{largest_batch(recipe, device, memory, on)}")
-    fits = both[t.gradient_checkpointing].peak <= memory
-    print(f"the recipe (checkpointing {'on' if t.gradient_checkpointing else 'off'}) fits in {shown}: "
-          f"{'yes' if fits else 'no'}")
+    on = both[False].peak > 0.9 * memory if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+    fits = both[on].peak <= memory
+    how = f"auto: {'on' if on else 'off'}" if t.gradient_checkpointing == "auto" else ("on" if on else "off")
+    print(f"the recipe (checkpointing {how}) fits in {shown}: {'yes' if fits else 'no'}")
     return 0 if fits else 1
 
 

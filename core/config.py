@@ -58,7 +58,8 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0  # max gradient norm; null disables clipping
-    gradient_checkpointing: bool = False
+    # true | false | auto: auto turns it off when `tuneport estimate` says the step fits the device's memory
+    gradient_checkpointing: Union[bool, str] = "auto"
     seed: int = 42
 
 
@@ -228,6 +229,8 @@ def _check_values(r: Recipe) -> list[str]:
                      f"{', '.join(METHODS[r.method.name].frameworks)}")
     choice("data.format", r.data.format, FORMATS)
     choice("train.scheduler", r.train.scheduler, SCHEDULERS)
+    if isinstance(r.train.gradient_checkpointing, str):
+        choice("train.gradient_checkpointing", r.train.gradient_checkpointing, ("auto",))
     choice("precision", r.precision, PRECISIONS)
     choice("framework", r.framework, FRAMEWORKS)
     if (r.train.max_steps is None) == (r.train.epochs is None):

@@ -16,6 +16,7 @@ are the tensors our forward saves for backward, recorded by running it on meta t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import resource
 import sys
 from dataclasses import dataclass, fields
@@ -24,6 +25,7 @@ from typing import Optional
 from ..models import builder_family, builder_names, family_for
 from .config import resolve_path
 
+log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
 LOSS_CHUNK = 256  # rows of logits the label-only loss forms at once (models/chatglm3/model.py)
 
@@ -152,7 +154,8 @@ def _parts(recipe, device: str, checkpointing: Optional[bool], runtime: Optional
                        "on the device); estimate method lora for an upper bound")
     compute = DTYPES[_precision(recipe.precision, device)]
     family, config = _family_and_config(recipe)
-    checkpointing = recipe.train.gradient_checkpointing if checkpointing is None else checkpointing
+    if checkpointing is None:
+        checkpointing = recipe.train.gradient_checkpointing is True  # auto: estimated as off, its first choice
     seq = recipe.data.max_input_length + recipe.data.max_output_length + 1
     model = _meta_model(family, config, recipe.method, compute, checkpointing)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -181,6 +184,26 @@ def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Op
         RunError: a method or model family that cannot be estimated.
     """
     return _parts(recipe, device, checkpointing, runtime).at(recipe, batch or recipe.train.micro_batch_size)
+
+
+def choose_checkpointing(recipe, device: str, memory: int) -> bool:
+    """`train.gradient_checkpointing: auto`: off when the step without it is estimated to fit in 90% of
+    `memory` (the device's), on otherwise or when it cannot be estimated."""
+    from ..models import CheckpointError
+    from .trainer import RunError
+
+    if memory <= 0:
+        log.info("gradient checkpointing auto: on (the device's memory is unknown)")
+        return True
+    try:
+        peak = estimate(recipe, device, checkpointing=False).peak
+    except (RunError, CheckpointError) as e:
+        log.info("gradient checkpointing auto: on (no estimate: %s)", e)
+        return True
+    on = peak > 0.9 * memory
+    log.info("gradient checkpointing auto: %s (estimated peak without it %.1f GiB, device %.1f GiB)",
+             "on" if on else "off", peak / 2**30, memory / 2**30)
+    return on
 
 
 def largest_batch(recipe, device: str, memory: int, checkpointing: Optional[bool] = None,

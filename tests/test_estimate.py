@@ -121,3 +121,19 @@ def test_estimate_command(folders, tmp_path, capsys):
     assert "fits in 100 MiB: no" in capsys.readouterr().out
     assert main(["estimate", str(recipe_file), "--memory", "lots"]) == 2
     assert "--memory lots: not an amount of memory" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_auto_follows_the_estimate(folders):
+    from tuneport.core.config import RecipeError
+    from tuneport.core.estimate import choose_checkpointing
+
+    values = recipe_for(folders["h256"], "lora", 4, (64, 191), "auto")
+    recipe = load_recipe(values)
+    without = estimate(recipe, "cpu", checkpointing=False).peak
+    assert choose_checkpointing(recipe, "cpu", 2 * without) is False  # fits: the faster way
+    assert choose_checkpointing(recipe, "cpu", without) is True  # past 90% of the memory: checkpointing
+    assert choose_checkpointing(recipe, "cpu", 0) is True  # memory unknown: the safe way
+    qlora = load_recipe({**values, "method": {"name": "qlora", "r": 8, "target_modules": ["query_key_value"]}})
+    assert choose_checkpointing(qlora, "cpu", 2 * without) is True  # not estimated: the safe way
+    with pytest.raises(RecipeError, match="train.gradient_checkpointing: 'sometimes' is not one of auto"):
+        load_recipe({**values, "train": {**values["train"], "gradient_checkpointing": "sometimes"}})
