@@ -159,7 +159,7 @@ class TorchRuntime:
         overrides = model_overrides(method)
         model = self.family.load_model(self.model_dir, self.backend, dtype=base_dtype,
                                        device_index=self.dist.local_rank, **overrides)
-        if self._checkpointing():
+        if self._checkpointing(model):
             model.gradient_checkpointing_enable()
         if method.name == "qlora" and not self.backend.capabilities.bnb_4bit:
             raise MethodUnavailable(
@@ -190,11 +190,14 @@ class TorchRuntime:
                                         "match no layer of this model")
         return peft_model
 
-    def _checkpointing(self) -> bool:
-        """The recipe's gradient checkpointing; `auto` asks the memory estimate against the device."""
+    def _checkpointing(self, model: nn.Module) -> bool:
+        """The recipe's gradient checkpointing; `auto` asks the memory estimate against the device (and
+        is off for a model that cannot checkpoint)."""
         wanted = self.recipe.train.gradient_checkpointing
         if wanted != "auto":
             return bool(wanted)
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            return False
         from ..core.estimate import choose_checkpointing
 
         return choose_checkpointing(self.recipe, self.backend.name, self.backend.capabilities.memory_total)
