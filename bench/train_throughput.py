@@ -101,7 +101,7 @@ def run_tuneport(folder: Path, args) -> dict:
         start = time.perf_counter()
         losses.append(runtime.forward_backward(batch, label_tokens(batch)))
         runtime.optimizer_step(LR, 1.0)
-        getattr(backend, "synchronize", lambda: None)()
+        backend.synchronize()
         times.append(time.perf_counter() - start)
     evals, _ = batches(folder, args.batch, args.eval_batches, offset=args.steps)
     total, count = 0.0, 0

@@ -545,7 +545,7 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
 def run_estimate(args: argparse.Namespace) -> int:
     from ..backends import available_backends, pick_backend
     from .config import load_recipe
-    from .estimate import estimate, largest_batch
+    from .estimate import needs_checkpointing, plan
     from .trainer import RunError
 
     recipe = load_recipe(args.recipe, tuple(args.overrides))
@@ -558,7 +558,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     mib = 2**20
     print(f"tuneport estimate: {recipe.model}, method {recipe.method.name}, {device}, precision {recipe.precision}, "
           f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens")
-    both = {on: estimate(recipe, device, checkpointing=on) for on in (False, True)}
+    plans = {on: plan(recipe, device, checkpointing=on) for on in (False, True)}
+    both = {on: p.at(t.micro_batch_size) for on, p in plans.items()}
     print(f"{'':14s}{'checkpointing off':>20s}{'on':>12s}")
     for part in ("weights", "gradients", "optimizer", "activations", "logits", "runtime"):
         print(f"  {part:12s}{getattr(both[False], part) / mib:16.0f} MiB{getattr(both[True], part) / mib:8.0f} MiB")
@@ -569,10 +570,11 @@ def run_estimate(args: argparse.Namespace) -> int:
     shown = args.memory.replace("GiB", " GiB").replace("MiB", " MiB").replace("GB", " GB").replace("MB", " MB")
     for on in (False, True):
         print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
-              f"{largest_batch(recipe, device, memory, on)}")
-    on = both[False].peak > 0.9 * memory if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+              f"{plans[on].largest_batch(memory)}")
+    auto = t.gradient_checkpointing == "auto"
+    on = needs_checkpointing(both[False].peak, memory) if auto else t.gradient_checkpointing
     fits = both[on].peak <= memory
-    how = f"auto: {'on' if on else 'off'}" if t.gradient_checkpointing == "auto" else ("on" if on else "off")
+    how = f"auto: {'on' if on else 'off'}" if auto else ("on" if on else "off")
     print(f"the recipe (checkpointing {how}) fits in {shown}: {'yes' if fits else 'no'}")
     return 0 if fits else 1
 

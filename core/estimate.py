@@ -111,22 +111,33 @@ def runtime_bytes(device: str) -> int:
 
 
 @dataclass
-class _Parts:
-    """What an estimate needs, worked out once: the batch-independent parts and how the rest grow."""
+class Plan:
+    """A recipe's memory worked out once (one meta model, or two with checkpointing): the parts that do
+    not depend on the micro-batch, and how the others grow with it."""
 
+    recipe: object
     fixed: Estimate  # weights, gradients, optimizer and runtime; activations and logits 0
     per_sample: int  # activation bytes of one sample
     vocab: int
     hidden: int
     size: int  # bytes per element in the compute dtype
 
-    def at(self, recipe, batch: int) -> Estimate:
-        data = recipe.data
+    def at(self, batch: int) -> Estimate:
+        """The estimate for a micro-batch of `batch` samples."""
+        data = self.recipe.data
         seq = data.max_input_length + data.max_output_length + 1
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)
         cast = self.size if self.size < 4 else 0  # the gradient cast back to the compute dtype
         logits = min(rows, LOSS_CHUNK) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
         return dataclasses.replace(self.fixed, activations=self.per_sample * batch, logits=logits)
+
+    def largest_batch(self, memory: int, limit: int = 1 << 16) -> int:
+        """The largest micro-batch (up to `limit`) that fits in `memory` bytes; 0 if one sample does not."""
+        low, high = 0, limit  # the estimate grows with the batch: bisect
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.at(middle).peak <= memory else (low, middle - 1)
+        return low
 
 
 def _precision(requested: str, device: str) -> str:
@@ -143,7 +154,8 @@ def _precision(requested: str, device: str) -> str:
         return "bf16"
 
 
-def _parts(recipe, device: str, checkpointing: Optional[bool], runtime: Optional[int]) -> _Parts:
+def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Optional[int] = None) -> Plan:
+    """The memory Plan of `recipe` on `device` (arguments as `estimate`'s)."""
     import torch
 
     from ..backends.torch_runtime import DTYPES
@@ -165,8 +177,8 @@ def _parts(recipe, device: str, checkpointing: Optional[bool], runtime: Optional
         per_sample += _saved_bytes(_meta_model(family, config, recipe.method, compute, False), seq) // config.num_layers
     fixed = Estimate(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * ADAM_STATES, activations=0,
                      logits=0, runtime=runtime_bytes(device) if runtime is None else runtime)
-    return _Parts(fixed, per_sample, config.padded_vocab_size, config.hidden_size,
-                  torch.empty((), dtype=compute).element_size())
+    return Plan(recipe, fixed, per_sample, config.padded_vocab_size, config.hidden_size,
+                torch.empty((), dtype=compute).element_size())
 
 
 def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Optional[bool] = None,
@@ -183,7 +195,12 @@ def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Op
     Raises:
         RunError: a method or model family that cannot be estimated.
     """
-    return _parts(recipe, device, checkpointing, runtime).at(recipe, batch or recipe.train.micro_batch_size)
+    return plan(recipe, device, checkpointing, runtime).at(batch or recipe.train.micro_batch_size)
+
+
+def needs_checkpointing(peak_without: int, memory: int) -> bool:
+    """auto's rule: checkpointing unless the step without it takes at most 90% of the memory."""
+    return peak_without > 0.9 * memory
 
 
 def choose_checkpointing(recipe, device: str, memory: int) -> bool:
@@ -200,7 +217,7 @@ def choose_checkpointing(recipe, device: str, memory: int) -> bool:
     except (RunError, CheckpointError) as e:
         log.info("gradient checkpointing auto: on (no estimate: %s)", e)
         return True
-    on = peak > 0.9 * memory
+    on = needs_checkpointing(peak, memory)
     log.info("gradient checkpointing auto: %s (estimated peak without it %.1f GiB, device %.1f GiB)",
              "on" if on else "off", peak / 2**30, memory / 2**30)
     return on
@@ -209,9 +226,4 @@ def choose_checkpointing(recipe, device: str, memory: int) -> bool:
 def largest_batch(recipe, device: str, memory: int, checkpointing: Optional[bool] = None,
                   runtime: Optional[int] = None, limit: int = 1 << 16) -> int:
     """The largest micro-batch (up to `limit`) whose estimate fits in `memory` bytes; 0 if one sample does not."""
-    parts = _parts(recipe, device, checkpointing, runtime)
-    low, high = 0, limit  # the estimate grows with the batch: bisect
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if parts.at(recipe, middle).peak <= memory else (low, middle - 1)
-    return low
+    return plan(recipe, device, checkpointing, runtime).largest_batch(memory, limit)

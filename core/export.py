@@ -22,7 +22,7 @@ from typing import Optional
 
 from ..models import CheckpointError, family_for
 from .data import file_sha256
-from .onnx_generate import MODEL_FILE, onnx_generate, open_session
+from .onnx_generate import MODEL_FILE, empty_cache, onnx_generate, open_session, step
 
 __all__ = ["export", "onnx_generate", "compare_onnx"]
 
@@ -121,7 +121,6 @@ def compare_onnx(tuned, folder: Path) -> dict:
 
     onnx.checker.check_model(str(folder / MODEL_FILE), full_check=True)
     session = open_session(folder)
-    names = [o.name for o in session.get_outputs()]
     vocab = tuned.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 8), generator=generator)
@@ -131,13 +130,8 @@ def compare_onnx(tuned, folder: Path) -> dict:
     step_mask = torch.cat((mask, mask.new_ones(2, 1)), dim=1)
     with torch.no_grad():
         prompt = tuned(input_ids=ids, attention_mask=mask, use_cache=True)
-        step = tuned(input_ids=nxt, attention_mask=step_mask, past_key_values=prompt.cache, use_cache=True)
-    past = {i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()[3:]}
-    first = session.run(names, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                "position_ids": np.broadcast_to(np.arange(8), (2, 8)).astype(np.int64), **past})
-    past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], first[1:])}
-    second = session.run(names, {"input_ids": nxt.numpy(), "attention_mask": step_mask.numpy(),
-                                 "position_ids": np.full((2, 1), 8, np.int64), **past})
-    diff = max(float(np.abs(first[0] - prompt.logits.numpy()).max()),
-               float(np.abs(second[0] - step.logits.numpy()).max()))
+        cached = tuned(input_ids=nxt, attention_mask=step_mask, past_key_values=prompt.cache, use_cache=True)
+    first, cache = step(session, ids.numpy(), mask.numpy(), empty_cache(session, 2))
+    second, _ = step(session, nxt.numpy(), step_mask.numpy(), cache)
+    diff = max(float(np.abs(first - prompt.logits.numpy()).max()), float(np.abs(second - cached.logits.numpy()).max()))
     return {"onnx_max_abs_diff": diff}

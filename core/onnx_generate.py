@@ -47,6 +47,25 @@ def open_session(path: Path):
     return session
 
 
+def empty_cache(session, batch: int) -> dict[str, np.ndarray]:
+    """The cache before the first step: every past_key_values.N.key/value with no positions."""
+    return {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), NUMPY_TYPES[spec.type])
+            for spec in session.get_inputs()[3:]}  # [batch, kv_heads, past, head_dim]
+
+
+def step(session, input_ids: np.ndarray, attention_mask: np.ndarray,
+         cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One run of the graph: (logits, the cache for the next step). `attention_mask` covers the cache
+    and the new tokens; the new tokens' positions follow the cache's length on every row."""
+    outputs = [o.name for o in session.get_outputs()]
+    start = attention_mask.shape[1] - input_ids.shape[1]
+    positions = np.broadcast_to(np.arange(start, attention_mask.shape[1], dtype=np.int64), input_ids.shape)
+    results = session.run(outputs, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                    "position_ids": positions, **cache})
+    return results[0], {name.replace("present", "past_key_values"): value
+                        for name, value in zip(outputs[1:], results[1:])}
+
+
 def onnx_generate(model: Path | object, input_ids: Sequence[Sequence[int]], max_new_tokens: int,
                   eos_token_id: Optional[Sequence[int] | int] = None,
                   attention_mask: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
@@ -72,22 +91,16 @@ def onnx_generate(model: Path | object, input_ids: Sequence[Sequence[int]], max_
                          f"{ids.min()} to {ids.max()}")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    past = {}
-    for spec in session.get_inputs()[3:]:  # past_key_values.N.key/value: [batch, kv_heads, past, head_dim]
-        past[spec.name] = np.zeros((ids.shape[0], spec.shape[1], 0, spec.shape[3]), NUMPY_TYPES[spec.type])
-    outputs = [o.name for o in session.get_outputs()]
-    batch, done, tokens, step = ids.shape[0], np.zeros(ids.shape[0], bool), ids, ids
+    batch = ids.shape[0]
+    cache, done, tokens, new = empty_cache(session, batch), np.zeros(batch, bool), ids, ids
     for _ in range(max_new_tokens):
-        start = mask.shape[1] - step.shape[1]
-        positions = np.broadcast_to(np.arange(start, mask.shape[1], dtype=np.int64), step.shape)
-        results = session.run(outputs, {"input_ids": step, "attention_mask": mask, "position_ids": positions, **past})
-        past = {name.replace("present", "past_key_values"): value for name, value in zip(outputs[1:], results[1:])}
-        nxt = results[0][:, -1].argmax(-1).astype(np.int64)
+        logits, cache = step(session, new, mask, cache)
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)
         if eos:
             nxt = np.where(done, eos[0], nxt)
             done |= np.isin(nxt, eos)
-        step = nxt[:, None]
-        tokens = np.concatenate((tokens, step), axis=1)
+        new = nxt[:, None]
+        tokens = np.concatenate((tokens, new), axis=1)
         mask = np.concatenate((mask, np.ones((batch, 1), np.int64)), axis=1)
         if done.all():
             break

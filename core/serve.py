@@ -368,7 +368,8 @@ def create_app(engine: Engine, api_key: Optional[str]):
             state["pending"] -= 1
             put(("done", future))
 
-        future = loop.run_in_executor(worker, engine.run, job, lambda delta: put(("delta", delta)), cancelled)
+        emit = (lambda delta: put(("delta", delta))) if job.stream else (lambda delta: None)
+        future = loop.run_in_executor(worker, engine.run, job, emit, cancelled)
         future.add_done_callback(finished)
         if not job.stream:
             while not future.done():  # a client that went away frees its place in the queue
