@@ -27,7 +27,7 @@ from .config import resolve_path
 
 log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
-LOSS_CHUNK = 256  # rows of logits the label-only loss forms at once (models/chatglm3/model.py)
+LOSS_CHUNK = 256  # rows of logits the label-only loss forms at once (models/loss.py)
 
 
 @dataclass

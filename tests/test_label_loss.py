@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tuneport.models.chatglm3.model as model_module
+import tuneport.models.loss as loss_module
 from tuneport.models.chatglm3 import load_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -18,11 +18,11 @@ def loss_and_grads(model, batch, **kwargs):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk", [model_module.LOSS_CHUNK, 5])
+@pytest.mark.parametrize("chunk", [loss_module.LOSS_CHUNK, 5])
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_label_only_loss_equals_the_full_logits_loss(golden, monkeypatch, chunk, full, num_items):
-    monkeypatch.setattr(model_module, "LOSS_CHUNK", chunk)  # 5: many chunks, one of them partial
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK", chunk)  # 5: many chunks, one of them partial
     cases = load_file(golden / "cases.safetensors")
     model = load_model(golden / "checkpoint").train()
     model.requires_grad_(full)  # not full: one adapted layer, as LoRA trains (the output layer frozen)
