@@ -64,6 +64,17 @@ class RotaryFn(Protocol):
         """
 
 
+class RotaryHalfFn(Protocol):
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half rotary embedding (Llama, Qwen2 and transformers' `apply_rotary_pos_emb`).
+
+        x is [batch, seq, heads, head_dim]; cos and sin are [batch or 1, seq, rot], each half of the last
+        dim holding the same angles, as transformers' rotary embeddings give them. The first `rot`
+        channels of each head are rotated as the halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin);
+        the rest pass.
+        """
+
+
 class AttentionFn(Protocol):
     def __call__(
         self,
@@ -90,12 +101,22 @@ class SwigluFn(Protocol):
 
 @dataclass(frozen=True)
 class Kernels:
-    """The model's device-sensitive math. `backends/reference.py` holds the eager reference of each."""
+    """The model's device-sensitive math. `backends/reference.py` holds the eager reference of each.
+
+    `rotary_half` (for the transformers-native families) may be left out: it is then the reference's.
+    """
 
     rms_norm: RmsNormFn
     rotary: RotaryFn
     attention: AttentionFn
     swiglu: SwigluFn
+    rotary_half: Optional[RotaryHalfFn] = None
+
+    def __post_init__(self):
+        if self.rotary_half is None:  # a table that does not accelerate it (or predates it)
+            from .reference import rotary_half
+
+            object.__setattr__(self, "rotary_half", rotary_half)
 
 
 class Backend(Protocol):

@@ -11,6 +11,7 @@ start with `msrun`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.methods import model_overrides
+from ..core.methods import decays, model_overrides
 
 from .base import BackendUnavailable, Capabilities, MemoryStats
 
@@ -138,18 +139,24 @@ class MindSporeRuntime:
         overrides = model_overrides(method)
         model = mm.load_model(self.model_dir, **overrides)
         model.compute_dtype = self.compute_dtype
+        self.save_peft = None  # (model, folder, base_model=) -> the PEFT adapter folder, for lora and ia3
         if method.name == "lora":
+            r, alpha, dropout = method.r, method.alpha, method.dropout
             targets = list(method.target_modules or self.family.lora_targets)
-            self.lora = (method.r, method.alpha, method.dropout, targets)
             if method.init_from:
                 config = mm.load_lora(model, method.init_from, trainable=True)
+                r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
                 targets = config["target_modules"]
-                self.lora = (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                             [targets] if isinstance(targets, str) else list(targets))
+                targets = [targets] if isinstance(targets, str) else list(targets)
             else:
-                mm.add_lora(model, method.r, method.alpha, method.dropout, targets, seed=self.recipe.train.seed)
-                for name, param in model.parameters_and_names():
-                    param.requires_grad = ".lora_" in name
+                mm.add_lora(model, r, alpha, dropout, targets, seed=self.recipe.train.seed)
+            self.save_peft = functools.partial(mm.save_lora, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+        elif method.name == "ia3":  # the vectors train in float32, as every trainable parameter here
+            targets = list(method.target_modules or self.family.ia3_targets)
+            feedforward = list(method.feedforward_modules if method.feedforward_modules is not None
+                               else [m for m in self.family.ia3_feedforward if m in targets])
+            mm.add_ia3(model, targets, feedforward)
+            self.save_peft = functools.partial(mm.save_ia3, target_modules=targets, feedforward_modules=feedforward)
         elif method.name == "ptuning_v2":
             for name, param in model.parameters_and_names():
                 param.requires_grad = name.startswith("transformer.prefix_encoder.")
@@ -192,8 +199,8 @@ class MindSporeRuntime:
         step_size = lr / (1 - b1**t)
         correction2_sqrt = math.sqrt(1 - b2**t)
         decay = self.recipe.train.weight_decay
-        for i, (param, grad) in enumerate(zip(self.trainable.values(), grads)):
-            value = param * (1 - lr * decay) if decay and param.ndim >= 2 else param
+        for i, ((name, param), grad) in enumerate(zip(self.trainable.items(), grads)):
+            value = param * (1 - lr * decay) if decay and decays(name, param.ndim) else param
             self.exp_avg[i] = self.exp_avg[i] + (grad - self.exp_avg[i]) * (1 - b1)
             self.exp_avg_sq[i] = self.exp_avg_sq[i] * b2 + grad * grad * (1 - b2)
             denom = ops.sqrt(self.exp_avg_sq[i]) / correction2_sqrt + EPS
@@ -245,12 +252,12 @@ class MindSporeRuntime:
         return self.device.memory_stats()
 
     def save_adapter(self, folder: Path) -> None:
-        """The same formats as TorchRuntime: PEFT LoRA, or the official prefix-encoder weights."""
+        """The same formats as TorchRuntime: PEFT LoRA or IA3, or the official prefix-encoder weights."""
         from safetensors.numpy import save_file
 
         m = self.method
-        if m.name == "lora":
-            self.msmodel.save_lora(self.model, folder, *self.lora, base_model=str(self.model_dir.resolve()))
+        if self.save_peft is not None:
+            self.save_peft(self.model, folder, base_model=str(self.model_dir.resolve()))
             return
         folder.mkdir(parents=True, exist_ok=True)
         if m.name == "ptuning_v2":
@@ -262,6 +269,11 @@ class MindSporeRuntime:
             (folder / "config.json").write_text(self.model.config.to_json_string())
 
     # --- generation ---------------------------------------------------------------------------------
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       pad_id: int) -> list[list[int]]:
+        """`generate` for each prompt in turn."""
+        return [self.generate(ids, max_new_tokens, stop_ids, pad_id) for ids in prompts]
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
         """Greedy continuation with the KV cache, ending at any of `stop_ids` (not included)."""
         self.model.set_train(False)

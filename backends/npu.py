@@ -153,14 +153,18 @@ class NPUKernels:
         self.swiglu_fused = a2 and hasattr(torch_npu, "npu_swiglu")
         # None until probed on first use: older torch_npu has no rotary_mode argument.
         self.rotary_fused: Optional[bool] = None if hasattr(torch_npu, "npu_rotary_mul") else False
+        # Rotate-half is npu_rotary_mul's original mode, the default of every release: nothing to probe.
+        self.rotary_half_fused = hasattr(torch_npu, "npu_rotary_mul")
+        self.a2 = a2
         why = "" if a2 else f" ({device_name} is not an Atlas A2/A3 chip)"
-        log.info("npu kernels on %s: npu_rms_norm %s, npu_rotary_mul %s, npu_fusion_attention %s, npu_swiglu %s%s",
-                 device_name, _yes(self.rms_norm_fused),
-                 "probed on first use" if self.rotary_fused is None else "no",
+        log.info("npu kernels on %s: npu_rms_norm %s, npu_rotary_mul %s (interleave), %s (half), "
+                 "npu_fusion_attention %s, npu_swiglu %s%s", device_name, _yes(self.rms_norm_fused),
+                 "probed on first use" if self.rotary_fused is None else "no", _yes(self.rotary_half_fused),
                  _yes(self.attention_fused), _yes(self.swiglu_fused), why)
 
     def table(self) -> Kernels:
-        return Kernels(rms_norm=self.rms_norm, rotary=self.rotary, attention=self.attention, swiglu=self.swiglu)
+        return Kernels(rms_norm=self.rms_norm, rotary=self.rotary, attention=self.attention, swiglu=self.swiglu,
+                       rotary_half=self.rotary_half)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm through `torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`, using y.
@@ -200,6 +204,31 @@ class NPUKernels:
         if rot == x.shape[-1]:
             return rotated
         return torch.cat((rotated, x[..., rot:]), dim=-1)
+
+    def rotary_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half rotary embedding through `torch_npu.npu_rotary_mul(x, r1, r2)` (rotary_mode "half").
+
+        Follows https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000141.html:
+        output = r1 * x + r2 * cat((-x2, x1), -1) for the halves x1, x2 of x. So r1/r2 are cos/sin shaped
+        [B or 1, S, 1, rot] (the BS1D/1S1D forms for a BSND input), applied to the first `rot` channels; the
+        rest pass. Constraints: 4-D input, rot even and < 896, B and N < 1000 (B * N <= 1024 when cos or sin
+        needs a gradient); on chips before Atlas A2 (910A) also rot a multiple of 128, as the earlier
+        documentation (Pytorch/600 ptaoplist_000486) states. Outside them, the reference. The mode is not
+        passed: half is the default of every release, and older ones have no rotary_mode argument.
+        The documentation gives r1/r2 the range [-1, 1]: true of cos and sin, not of rope variants that
+        scale them (YaRN's attention factor), which this wrapper cannot see without a device sync.
+        """
+        rot = cos.shape[-1]
+        batch, seq, heads, _ = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+        grads = cos.requires_grad or sin.requires_grad
+        if not (self.rotary_half_fused and x.dim() == 4 and rot % 2 == 0 and 0 < rot < 896 and rot <= x.shape[-1]
+                and batch < 1000 and heads < 1000 and not (grads and batch * heads > 1024)
+                and (self.a2 or rot % 128 == 0) and x.dtype in _FUSED_DTYPES
+                and cos.dim() == 3 and cos.shape[0] in (1, batch) and cos.shape[1] == seq and sin.shape == cos.shape):
+            return reference.rotary_half(x, cos, sin)
+        r1, r2 = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)  # [B or 1, S, 1, rot]
+        rotated = self._ops.npu_rotary_mul(x[..., :rot].contiguous(), r1, r2)
+        return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
 
     def _rotary_usable(self, device: torch.device) -> bool:
         if self.rotary_fused is None:

@@ -2,7 +2,8 @@
 
 They follow the official ChatGLM3 `modeling_chatglm.py` (THUDM/chatglm3-6b): RMSNorm in float32,
 rotary embedding on interleaved pairs of the first half of each head, grouped-query attention with a
-float32 softmax, and SwiGLU over a fused [gate, up] projection.
+float32 softmax, and SwiGLU over a fused [gate, up] projection. `rotary_half` is the rotate-half form of
+transformers' `apply_rotary_pos_emb` (Llama, Qwen2).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)  # broadcast over heads
     rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
     return torch.cat((rotated, x_pass), dim=-1)
+
+
+def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)  # broadcast over heads
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if rot == x.shape[-1] else torch.cat((rotated, x_pass), dim=-1)
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -63,4 +73,5 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-REFERENCE_KERNELS = Kernels(rms_norm=rms_norm, rotary=rotary, attention=attention, swiglu=swiglu)
+REFERENCE_KERNELS = Kernels(rms_norm=rms_norm, rotary=rotary, attention=attention, swiglu=swiglu,
+                            rotary_half=rotary_half)

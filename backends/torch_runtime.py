@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.checkpoints import torch_save
 from ..core.config import Recipe, resolve_path
-from ..core.methods import model_overrides
+from ..core.methods import METHODS, decays, model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
 from ..models import CheckpointError, family_for, read_json
@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-QUANTIZED_BASE = "tuneport_quantized_base.json"  # in a QLoRA adapter: how its base was quantized
+QUANTIZED_BASE = "tuneport_quantized_base.json"
+ADALORA_STATE = "adalora.pt"  # in a checkpoint: AdaLoRA's step count, importance scores and rank pattern  # in a QLoRA adapter: how its base was quantized
 
 
 def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
                          device: torch.device) -> int:
-    """Replace every nn.Linear except the output layer by a bitsandbytes 4-bit layer (QLoRA base).
+    """Replace every nn.Linear except the output layer (`get_output_embeddings()`) by a bitsandbytes 4-bit
+    layer (QLoRA base).
 
     Returns:
         The number of layers quantized.
@@ -47,9 +49,10 @@ def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, 
     import bitsandbytes as bnb
 
     count = 0
+    output = model.get_output_embeddings()  # stays in float: the loss reads its weight
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child_name == "output_layer":
+            if type(child) is not nn.Linear or child is output:
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type=quant_type,
@@ -73,8 +76,9 @@ def dequantize_base_4bit(model: nn.Module, quant_type: str, double_quant: bool) 
     import bitsandbytes.functional as bnbf
 
     count = 0
+    output = model.get_output_embeddings()
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and not name.endswith("output_layer"):
+        if type(module) is nn.Linear and module is not output:
             weight = module.weight.data
             packed, state = bnbf.quantize_4bit(weight.float(), quant_type=quant_type, compress_statistics=double_quant)
             module.weight.data = bnbf.dequantize_4bit(packed, state, quant_type=quant_type).to(weight.dtype)
@@ -115,12 +119,13 @@ class TorchRuntime:
         if not self.trainable:
             raise MethodUnavailable(f"method {self.method.name}: nothing to train")
         log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.trainable.values()):,}")
-        decay = [p for p in self.trainable.values() if p.ndim >= 2]
-        no_decay = [p for p in self.trainable.values() if p.ndim < 2]
+        decay = [p for n, p in self.trainable.items() if decays(n, p.ndim)]
+        no_decay = [p for n, p in self.trainable.items() if not decays(n, p.ndim)]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": recipe.train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
         self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
+        self.steps_done = 0  # optimizer steps taken (AdaLoRA's budget schedule counts them)
         self.engine = None  # DeepSpeed engine, when the recipe asks for one
         self.forward_model = self.model
         if recipe.deepspeed:
@@ -159,8 +164,14 @@ class TorchRuntime:
         overrides = model_overrides(method)
         model = self.family.load_model(self.model_dir, self.backend, dtype=base_dtype,
                                        device_index=self.dist.local_rank, **overrides)
-        if self._checkpointing(model):
-            model.gradient_checkpointing_enable()
+        checkpointing = self._checkpointing(model)
+        if checkpointing and method.name == "prefix_tuning" and not getattr(model, "keeps_prefix_when_checkpointing",
+                                                                             False):
+            if self.recipe.train.gradient_checkpointing is True:
+                raise MethodUnavailable(f"method prefix_tuning: {self.family.model_type}'s layers drop the prefix under "
+                                        "gradient checkpointing; set train.gradient_checkpointing=false")
+            log.info("gradient checkpointing off: %s's layers would drop prefix tuning's prefix", self.family.model_type)
+            checkpointing = False
         if method.name == "qlora" and not self.backend.capabilities.bnb_4bit:
             raise MethodUnavailable(
                 f"method qlora needs bitsandbytes 4-bit kernels on {self.backend.name}; "
@@ -171,20 +182,22 @@ class TorchRuntime:
             n = quantize_linear_4bit(frozen, method.quant_type, method.double_quant, self.compute_dtype, self.device)
             log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
 
-        peft_model = apply_method(model, method, self.family, quantize if method.name == "qlora" else None)
-        if method.name in ("full", "ptuning_v2"):
+        peft_model = apply_method(model, method, self.family, quantize if method.name == "qlora" else None,
+                                  self.recipe.train.max_steps)
+        if checkpointing:  # after peft, which refuses prefix tuning on a checkpointing model (ours keeps the prefix)
+            model.gradient_checkpointing_enable()
+        if not METHODS[method.name].peft:
             return peft_model
-        targets = list(method.target_modules or self.family.lora_targets)
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
-        if method.init_from:
+        if getattr(method, "init_from", None):
             from peft import set_peft_model_state_dict
 
             weights = load_file(resolve_path(method.init_from) / "adapter_model.safetensors", device=str(self.device))
             try:
                 result = set_peft_model_state_dict(peft_model, weights)
             except RuntimeError as e:  # shape mismatch: the adapter has another rank or targets
-                raise MethodUnavailable(f"method.init_from: {method.init_from} does not fit method.r={method.r} and "
-                                        f"method.target_modules={targets}: {str(e)[:300]}") from None
+                raise MethodUnavailable(f"method.init_from: {method.init_from} does not fit this method's "
+                                        f"settings ({method}): {str(e)[:300]}") from None
             if getattr(result, "unexpected_keys", None):
                 raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
                                         "match no layer of this model")
@@ -250,6 +263,9 @@ class TorchRuntime:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.steps_done += 1
+        if self.method.name == "adalora":  # importance scores from this step's gradients; prune on schedule
+            self.model.base_model.update_and_allocate(self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -259,8 +275,10 @@ class TorchRuntime:
         self.model.eval()
         try:
             inputs = self._tensors(batch)
+            # AdaLoRA's model adds its orthogonality penalty to the loss; evaluation scores the task alone
+            model = self.model.base_model.model if self.method.name == "adalora" else self.model
             with self.backend.autocast(self.compute_dtype):
-                loss = self.model(**inputs, num_items_in_batch=1, use_cache=False, loss_only=True).loss
+                loss = model(**inputs, num_items_in_batch=1, use_cache=False, loss_only=True).loss
             return float(loss), int((inputs["labels"][:, 1:] != -100).sum())
         finally:
             self.model.train()
@@ -280,6 +298,8 @@ class TorchRuntime:
         torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.scaler:
             torch_save(self.scaler.state_dict(), folder / "scaler.pt")
+        if self.method.name == "adalora":
+            torch_save(self._adalora_state(), folder / ADALORA_STATE)
 
     def load_state(self, folder: Path) -> None:
         rng = torch.load(folder / f"rng-rank{self.dist.rank}.pt", weights_only=True)
@@ -299,7 +319,23 @@ class TorchRuntime:
                                                   weights_only=True))
         if self.scaler:
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        if self.method.name == "adalora":
+            self._set_adalora_state(torch.load(folder / ADALORA_STATE, map_location=self.device, weights_only=True))
         self._restore_rng(rng)
+
+    def _adalora_state(self) -> dict:
+        """What AdaLoRA's budgeting carries from step to step: the step count, the smoothed importance
+        scores and the rank pattern allocated so far."""
+        allocator = self.model.base_model.rankallocator
+        return {"steps_done": self.steps_done, "rank_pattern": self.model.peft_config["default"].rank_pattern,
+                "ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc}
+
+    def _set_adalora_state(self, state: dict) -> None:
+        allocator = self.model.base_model.rankallocator
+        self.steps_done = state["steps_done"]
+        self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = \
+            state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
 
     def _restore_rng(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch_rng"])
@@ -315,7 +351,7 @@ class TorchRuntime:
         full: a complete checkpoint folder in the official layout.
         """
         folder.mkdir(parents=True, exist_ok=True)
-        if self.method.name in ("lora", "qlora"):
+        if METHODS[self.method.name].peft:
             self.model.save_pretrained(folder)
             if self.method.name == "qlora":  # loading it again means the same 4-bit base (dequantized)
                 (folder / QUANTIZED_BASE).write_text(json.dumps(
@@ -332,6 +368,20 @@ class TorchRuntime:
 
     # --- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       pad_id: int) -> list[list[int]]:
+        """Greedy replies to many prompts, batched `micro_batch_size` at a time with left padding."""
+        from ..core.evaluate import generate_replies
+
+        self.model.eval()
+        try:
+            with self.backend.autocast(self.compute_dtype):
+                return generate_replies(self.model, prompts, stop_ids, pad_id, max_new_tokens,
+                                        self.recipe.train.micro_batch_size)
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
         """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""
         self.model.eval()
@@ -346,26 +396,65 @@ class TorchRuntime:
             self.model.train()
 
 
-def apply_method(model: nn.Module, method, family, quantize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
-    """`model` made ready for `method`: what it does not train frozen and its adapter added (LoRA and
-    QLoRA through peft, after `quantize` has rounded the frozen base). Reads no weights, so it works on
-    the meta device too (`tuneport estimate`)."""
+def peft_config(method, family, model_config=None, max_steps: Optional[int] = None):
+    """The peft config of a peft-trained `method` (lora, qlora, dora, adalora, ia3, prompt_tuning,
+    ptuning, prefix_tuning), with the family's defaults where the recipe names no layers."""
+    import peft
+
+    name = method.name
+    if name in ("lora", "qlora", "dora", "adalora"):
+        targets = list(method.target_modules or family.lora_targets)
+        common = dict(lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+        if name != "adalora":
+            return peft.LoraConfig(r=method.r, use_dora=name == "dora", **common)
+        return peft.AdaLoraConfig(init_r=method.init_r, target_r=method.target_r, tinit=method.tinit,
+                                  tfinal=method.tfinal, deltaT=method.delta_t, beta1=method.beta1, beta2=method.beta2,
+                                  orth_reg_weight=method.orth_reg_weight,
+                                  # without a run (estimate, methods table) any valid schedule gives the same layers
+                                  total_step=max_steps or method.tinit + method.tfinal + 1, **common)
+    if name == "ia3":
+        targets = list(method.target_modules or family.ia3_targets)
+        feedforward = list(method.feedforward_modules if method.feedforward_modules is not None
+                           else [m for m in family.ia3_feedforward if m in targets])
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if name == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM")
+    if name == "ptuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
+                                        encoder_hidden_size=method.encoder_hidden_size,
+                                        encoder_reparameterization_type=method.encoder_type)
+    if name == "prefix_tuning":
+        shape = family.prefix_shape(model_config) if family.prefix_shape and model_config is not None else {}
+        return peft.PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
+                                       prefix_projection=method.prefix_projection, **shape)
+    raise MethodUnavailable(f"method {name}: not a peft method")
+
+
+def apply_method(model: nn.Module, method, family, quantize: Optional[Callable[[nn.Module], None]] = None,
+                 max_steps: Optional[int] = None) -> nn.Module:
+    """`model` made ready for `method`: what it does not train frozen and its adapter added (through
+    peft, after `quantize` has rounded the frozen base for QLoRA; AdaLoRA schedules its budget over
+    `max_steps`). Reads no weights, so it works on the meta device too (`tuneport estimate`)."""
     if method.name == "full":
         return model
     model.requires_grad_(False)
     if method.name == "ptuning_v2":
-        model.transformer.prefix_encoder.float().requires_grad_(True)
+        encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
+        if encoder is None:
+            raise MethodUnavailable(f"method ptuning_v2 is ChatGLM's own prefix encoder; {family.model_type} "
+                                    "has none: use method prefix_tuning")
+        encoder.float().requires_grad_(True)
         return model
     if quantize is not None:
         quantize(model)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = list(method.target_modules or family.lora_targets)
-    config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                        target_modules=targets, task_type="CAUSAL_LM")
+    config = peft_config(method, family, model.config, max_steps)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # peft: no module matches target_modules
+        targets = getattr(method, "target_modules", None) or sorted(getattr(config, "target_modules", None) or [])
         raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {family.model_type}'s linear "
                                 f"layers are {', '.join(family.linear_layers)}") from None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
 from .config import FRAMEWORKS
 from .rundir import FolderError
 
@@ -137,7 +138,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing.
 
     Returns:
-        (tokenizer, train data, eval data, checkpoint to resume from or None)
+        (tokenizer, the run's data (trainer.Datasets), checkpoint to resume from or None)
     """
     from ..models import builder_family, builder_names, family_for
 
@@ -156,13 +157,13 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
     tokenizer = family.load_tokenizer(tokenizer_path)
     family.check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
-    train_data, eval_data = trainer.load_data(recipe, tokenizer)
+    data = trainer.load_data(recipe, tokenizer)
     resume_from = None
     if resume_dir is not None:
         resume_from = checkpoints.latest_checkpoint(resume_dir / "checkpoints")
         if resume_from is None:
             log.warning("%s has no complete checkpoint; starting from step 0", resume_dir)
-            return tokenizer, train_data, eval_data, None
+            return tokenizer, data, None
         try:
             state = checkpoints.read_state(resume_from)
         except (OSError, ValueError) as e:
@@ -172,7 +173,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
                                          resume_from)
         if problem:
             raise trainer.RunError(problem)
-    return tokenizer, train_data, eval_data, resume_from
+    return tokenizer, data, resume_from
 
 
 def cannot_write(folder: Path, e: OSError) -> FolderError:
@@ -240,8 +241,7 @@ class RunPlan:
     choice: Any  # core.runtime.RuntimeChoice: framework, device, runtime builder
     precision: Any  # core.precision.PrecisionPlan
     tokenizer: Any
-    train_data: Any
-    eval_data: Any
+    data: Any  # trainer.Datasets
     resume_from: Optional[Path]  # the checkpoint a resume continues from
     lock: Any = None  # a resumed folder's lock, taken before its checkpoints are read
 
@@ -260,12 +260,12 @@ def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
     try:
         action = folder_action(Path(recipe.output_dir), resume_dir is not None, demo)
         choice, precision = plan_device(recipe)
-        tokenizer, train_data, eval_data, resume_from = plan_inputs(recipe, resume_dir, precision)
+        tokenizer, data, resume_from = plan_inputs(recipe, resume_dir, precision)
     except BaseException:
         if lock:
             lock.release()
         raise
-    return RunPlan(recipe, resume_dir, demo, changed, action, choice, precision, tokenizer, train_data, eval_data,
+    return RunPlan(recipe, resume_dir, demo, changed, action, choice, precision, tokenizer, data,
                    resume_from, lock)
 
 
@@ -324,8 +324,7 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     try:
         dist = prepare_run(plan)
         runtime, model_dir, start = build_run(plan, dist)
-        records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.train_data, plan.eval_data,
-                                plan.output_dir, start)
+        records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.data, plan.output_dir, start)
     except BaseException as e:
         if not in_process_group():
             raise
@@ -341,6 +340,9 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         losses = [r["loss"] for r in records]
         print(f"trained {len(records)} steps ({recipe.framework}) on {plan.choice.device_name} x{dist.world_size}: "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        change = trainer.read_run_json(output_dir).get("forgetting")
+        if change:
+            print(trainer.summary_line(change))
         print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
               f"plot: {output_dir / 'loss.png'}")
         if plan.demo:
@@ -579,6 +581,40 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0 if fits else 1
 
 
+# --- methods -----------------------------------------------------------------------------------------
+def add_methods_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a checkpoint folder to count on (default: each model family's flagship, "
+                   "e.g. ChatGLM3-6B, from its config alone)")
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from ..backends.base import MethodUnavailable
+    from ..models import family_for, get_family, model_types
+    from .estimate import trainable_parameters
+    from .methods import METHODS
+    from .trainer import RunError
+
+    if args.model:
+        folder = Path(args.model)
+        family = family_for(folder)
+        if family.load_config is None:
+            raise RunError(f"--model {folder}: counting {family.model_type} models is not supported")
+        columns = [(folder.name, family, family.load_config(folder))]
+    else:
+        columns = [(f.reference[0], f, f.reference[1]()) for f in map(get_family, model_types()) if f.reference]
+    print(f"{'method':15s}{'frameworks':18s}" + "".join(f"{'trainable on ' + name:>26s}" for name, _, _ in columns))
+    for name, entry in METHODS.items():
+        method = entry.config()
+        counts = []
+        for _, family, config in columns:
+            try:
+                counts.append(f"{trainable_parameters(family, config, method):,}")
+            except MethodUnavailable:  # e.g. ChatGLM's own P-tuning v2 on another family
+                counts.append("-")
+        print(f"{name:15s}{', '.join(entry.frameworks):18s}" + "".join(f"{c:>26s}" for c in counts))
+    return 0
+
+
 # --- serve -------------------------------------------------------------------------------------------
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from .serve import API_KEY_ENV, Limits
@@ -622,8 +658,12 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "export": ("merge a tuned adapter into its base model and write the official checkpoint layout",
                add_export_arguments, run_export),
     "serve": ("serve a model and an optional adapter with the OpenAI chat API", add_serve_arguments, run_serve),
+    "eval": evaluate.SUBCOMMAND,
+    "parity": parity.SUBCOMMAND,
     "estimate": ("predict a recipe's peak training memory from config.json, and the largest micro-batch that fits",
                  add_estimate_arguments, run_estimate),
+    "methods": ("list the tuning methods, the frameworks that run each, and what each trains on a model",
+                add_methods_arguments, run_methods),
     "convert": ("rewrite a checkpoint folder's weights as safetensors shards (no pickle, no torch needed to read)",
                 add_convert_arguments, run_convert),
 }

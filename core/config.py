@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..models import builder_names
-from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
+from .methods import METHODS, AdaLoraConfig, LoraConfig, MethodConfig, foreign_default, method_fields
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -45,6 +45,8 @@ class DataConfig:
     max_input_length: int = 256  # samples are cut to max_input + max_output + 1 tokens (official demo)
     max_output_length: int = 512
     group_by_length: bool = True  # batches of similar lengths (less padding); seeded, exact on resume
+    mix: Optional[str] = None  # general-domain training file mixed into the batches, to limit forgetting
+    mix_ratio: float = 0.1  # the share of samples drawn from data.mix (per batch, seeded, exact on resume)
 
 
 @dataclass
@@ -67,6 +69,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # optimizer steps between evaluations; 0 evaluates only at the end (if data.eval)
     max_batches: Optional[int] = None  # cap on evaluation micro-batches
+    general: Optional[str] = None  # general-domain file scored by loss before training and at each evaluation
+    generate: bool = False  # also generate replies to data.eval's prompts and score them (ROUGE, BLEU; eval extra)
+    generate_samples: int = 50  # how many data.eval samples to generate for (the official demo's 50)
 
 
 @dataclass
@@ -224,6 +229,8 @@ def _check_values(r: Recipe) -> list[str]:
     if not r.data.train:
         found.append("data.train: missing; give a JSON or JSON-lines training file")
     found += r.method.problems()
+    if isinstance(r.method, AdaLoraConfig):
+        found += r.method.schedule_problems(r.train.max_steps)
     if r.method.name in METHODS and r.framework not in METHODS[r.method.name].frameworks:
         found.append(f"method.name: {r.method.name} does not run with framework {r.framework}; it runs with "
                      f"{', '.join(METHODS[r.method.name].frameworks)}")
@@ -249,6 +256,11 @@ def _check_values(r: Recipe) -> list[str]:
     for name, value in _flat(dataclasses.asdict(r)).items():
         if isinstance(value, float) and not math.isfinite(value):
             found.append(f"{name}: {value!r} must be a finite number")
+    if r.eval.generate and not r.data.eval:
+        found.append("eval.generate: true needs data.eval, the file whose replies are generated and scored")
+    positive("eval.generate_samples", r.eval.generate_samples)
+    if not 0 <= r.data.mix_ratio < 1:
+        found.append(f"data.mix_ratio: {r.data.mix_ratio!r} must be in [0, 1): the share of each batch from data.mix")
     if not 0 <= r.train.seed < 2**32:
         found.append(f"train.seed: {r.train.seed!r} must be in [0, 2**32 - 1]")
     return found

@@ -67,7 +67,7 @@ class EncodedData:
     dropped: int
 
 
-def _fail(path: PathLike, problems: list[str]) -> DataError:
+def fail(path: PathLike, problems: list[str]) -> DataError:
     """One DataError for a file: its first problem, and how many more there are."""
     more = len(problems) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''} in this file)" if more else ""
@@ -113,7 +113,7 @@ def read_records(path: PathLike) -> list[tuple[int, dict]]:
                 f'a JSON object such as {{"conversations": [...]}}'
                 for line, record in records if not isinstance(record, dict)]
     if problems:
-        raise _fail(path, problems)
+        raise fail(path, problems)
     if not records:
         raise DataError(f"{path}: line 1: file holds no records; add at least one record")
     return records
@@ -131,7 +131,7 @@ def _read_lines(path: PathLike, text: str) -> list[tuple[int, Any]]:
             problems.append(f"line {number}: invalid JSON ({e.msg} at column {e.colno}); each line must "
                             "hold one complete JSON object (or make the whole file one JSON array)")
     if problems:
-        raise _fail(path, problems)
+        raise fail(path, problems)
     return records
 
 
@@ -376,6 +376,45 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
 
 
 # --- tokenising ---------------------------------------------------------------------------------
+def read_conversations(path: PathLike, fmt: str = "auto") -> tuple[list[tuple[int, list[dict]]], str, int]:
+    """The records of a data file as ChatGLM3 messages, each with the line it starts on; every record is
+    validated before any is returned (one format per file, detected from the first record with "auto").
+
+    Returns:
+        ((line, messages) per record, the format, how many records the file holds).
+
+    Raises:
+        DataError: one line naming the file, the first problem's line, field and fix, and how many more.
+    """
+    _check_format(fmt)
+    records = read_records(path)
+    if fmt == "auto":
+        first_line, first = records[0]
+        try:
+            fmt = detect_format(first)
+        except DataError as e:
+            raise DataError(f"{path}: line {first_line}: {e}") from None
+        origin = f"detected from line {first_line}"
+    else:
+        origin = "as configured"
+    conversations, problems = [], []
+    for line, record in records:
+        try:
+            found = detect_format(record)
+        except DataError:
+            found = fmt  # not recognisable: let the converter name the missing or wrong field
+        try:
+            if found != fmt:
+                raise DataError(f"record is in {found} format but the file is {fmt} ({origin}); "
+                                "use one format per file")
+            conversations.append((line, _CONVERTERS[fmt](record)))
+        except DataError as e:
+            problems.append(f"line {line}: {e}")
+    if problems:
+        raise fail(path, problems)
+    return conversations, fmt, len(records)
+
+
 def encode_dataset(
     path: PathLike, tokenizer, fmt: str = "auto", max_input_length: int = 256, max_output_length: int = 512
 ) -> EncodedData:
@@ -398,37 +437,10 @@ def encode_dataset(
         DataError: one line naming the file, the first problem's line, field and fix, and how many
             more problems the file has.
     """
-    _check_format(fmt)
-    records = read_records(path)
-    if fmt == "auto":
-        first_line, first = records[0]
-        try:
-            fmt = detect_format(first)
-        except DataError as e:
-            raise DataError(f"{path}: line {first_line}: {e}") from None
-        origin = f"detected from line {first_line}"
-    else:
-        origin = "as configured"
-
-    conversations, problems = [], []
-    for line, record in records:
-        try:
-            found = detect_format(record)
-        except DataError:
-            found = fmt  # not recognisable: let the converter name the missing or wrong field
-        try:
-            if found != fmt:
-                raise DataError(f"record is in {found} format but the file is {fmt} ({origin}); "
-                                "use one format per file")
-            conversations.append(_CONVERTERS[fmt](record))
-        except DataError as e:
-            problems.append(f"line {line}: {e}")
-    if problems:
-        raise _fail(path, problems)
-
+    conversations, fmt, count = read_conversations(path, fmt)
     limit = max_input_length + max_output_length + 1
     samples, truncated, dropped = [], 0, 0
-    for messages in conversations:
+    for _, messages in conversations:
         # Encode untruncated (the tokenizer cuts at max_input + max_output + 1) to count the cuts.
         input_ids, labels = tokenizer.encode_conversation(messages, sys.maxsize, 0)
         if len(input_ids) > limit:
@@ -439,8 +451,8 @@ def encode_dataset(
             continue
         samples.append((input_ids, labels))
     logger.info("%s: %d %s records, %d samples; %d truncated to %d tokens, %d dropped (no assistant "
-                "tokens left)", path, len(records), fmt, len(samples), truncated, limit, dropped)
-    return EncodedData(samples=samples, format=fmt, records=len(records), truncated=truncated, dropped=dropped)
+                "tokens left)", path, count, fmt, len(samples), truncated, limit, dropped)
+    return EncodedData(samples=samples, format=fmt, records=count, truncated=truncated, dropped=dropped)
 
 
 # --- batching -----------------------------------------------------------------------------------

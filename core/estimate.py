@@ -73,10 +73,26 @@ def _meta_model(family, config, method, compute, checkpointing: bool):
 
     with torch.device("meta"):
         model = family.model_class(config).to(torch.float32 if method.name == "full" else compute)
+        tuned = apply_method(model, method, family)
         if checkpointing:
             model.gradient_checkpointing_enable()
-        model = apply_method(model, method, family)
-    return model.train()
+    return tuned.train()
+
+
+def trainable_parameters(family, config, method) -> int:
+    """Parameters `method` trains on a model of `config` (with the method's config changes), counted on
+    the meta device."""
+    import copy
+
+    from .methods import model_overrides
+
+    config = copy.deepcopy(config)
+    for key, value in model_overrides(method).items():
+        setattr(config, key, value)
+    import torch
+
+    model = _meta_model(family, config, method, torch.float32, False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _saved_bytes(model, seq: int) -> int:

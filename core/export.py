@@ -1,6 +1,7 @@
 """`tuneport export`: a tuned result merged into its base model, written in the family's official layout.
 
-LoRA is merged into the base weights (peft's `merge_and_unload`); a P-tuning v2 result becomes the
+LoRA (and DoRA, AdaLoRA, IA3) is merged into the base weights (peft's `merge_and_unload`); prompt-side peft
+methods cannot merge and are refused; a P-tuning v2 result becomes the
 checkpoint with `pre_seq_len` and its prefix encoder; a full fine-tune is rewritten as it is. The folder
 is written into a temporary folder beside `--out` and renamed at the end; `export.json` records the
 sha256 of every file, which is also printed.
@@ -83,7 +84,12 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     if writer is None:
         raise CheckpointError(f"{model}: exporting {family.model_type} models as {fmt} is not supported")
     tuned = load_tuned_model(model, adapter, "cpu", dtype=torch.float32)
-    if hasattr(tuned, "merge_and_unload"):  # a peft LoRA model
+    peft_config = getattr(tuned, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        raise CheckpointError(f"--adapter {adapter}: a {peft_config.peft_type.value} adapter adds virtual tokens and "
+                              "cannot be merged into the weights; use it as it is: tuneport serve --model "
+                              f"{model} --adapter {adapter}")
+    if hasattr(tuned, "merge_and_unload"):  # a peft model that merges: LoRA, DoRA, AdaLoRA, IA3
         tuned = tuned.merge_and_unload()
     tuned = tuned.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 

@@ -63,6 +63,121 @@ class PtuningV2Config:
 
 
 @dataclass
+class DoraConfig(LoraConfig):
+    """DoRA (Liu et al., 2024): LoRA on the direction of each weight, with its magnitude trained apart
+    (peft's `use_dora`)."""
+
+    name: str = "dora"
+
+
+@dataclass
+class AdaLoraConfig:
+    """AdaLoRA (Zhang et al., 2023): SVD-shaped LoRA whose rank budget moves to the layers that matter,
+    pruned from `init_r` to an average of `target_r` per layer between steps `tinit` and
+    max_steps - `tfinal`, every `delta_t` steps (peft's `update_and_allocate`)."""
+
+    name: str = "adalora"
+    init_r: int = 12  # starting rank of every adapted layer
+    target_r: int = 8  # average rank left after budgeting
+    alpha: float = 32
+    dropout: float = 0.1
+    target_modules: Optional[list[str]] = None  # None: the model family's LoRA default
+    tinit: int = 200  # steps before pruning starts
+    tfinal: int = 1000  # last steps, trained at the final budget
+    delta_t: int = 10  # steps between budget reallocations
+    beta1: float = 0.85  # smoothing of the importance scores
+    beta2: float = 0.85  # smoothing of their uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on P and Q
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 < self.target_r <= self.init_r:
+            found.append(f"method.target_r: {self.target_r!r} must be > 0 and <= method.init_r ({self.init_r})")
+        if self.tinit < 0 or self.tfinal < 0 or self.delta_t <= 0:
+            found.append("method.tinit, method.tfinal: must be >= 0, method.delta_t > 0")
+        if not 0 <= self.dropout < 1:
+            found.append(f"method.dropout: {self.dropout!r} must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                found.append(f"method.{name}: {getattr(self, name)!r} must be in (0, 1)")
+        if self.orth_reg_weight < 0:
+            found.append(f"method.orth_reg_weight: {self.orth_reg_weight!r} must be >= 0")
+        return found
+
+    def schedule_problems(self, max_steps: Optional[int]) -> list[str]:
+        """The budget schedule against the run's length (peft needs the total step count up front)."""
+        if max_steps is None:
+            return ["method.name: adalora schedules its rank budget over the run; give train.max_steps "
+                    "(not train.epochs)"]
+        if self.tinit >= max_steps - self.tfinal:
+            return [f"method.tinit: {self.tinit} leaves no budgeting phase: it must be < train.max_steps - "
+                    f"method.tfinal ({max_steps} - {self.tfinal}); lower tinit or tfinal"]
+        return []
+
+
+@dataclass
+class Ia3Config:
+    """(IA)^3 (Liu et al., 2022): learned vectors that rescale the keys, values and feed-forward activations."""
+
+    name: str = "ia3"
+    target_modules: Optional[list[str]] = None  # None: the model family's IA3 default
+    feedforward_modules: Optional[list[str]] = None  # of those, the ones scaled on their input
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.target_modules is not None and not self.target_modules:
+            found.append("method.target_modules: empty; name the layers to rescale, e.g. [query_key_value]")
+        extra = set(self.feedforward_modules or ()) - set(self.target_modules or self.feedforward_modules or ())
+        if extra:
+            found.append(f"method.feedforward_modules: {sorted(extra)} must also be in method.target_modules")
+        return found
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning (Lester et al., 2021): trained embeddings of virtual tokens before the input."""
+
+    name: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+
+    def problems(self) -> list[str]:
+        return _positive_tokens(self.num_virtual_tokens)
+
+
+@dataclass
+class PtuningConfig:
+    """P-tuning (Liu et al., 2021): virtual token embeddings produced by a small trained encoder."""
+
+    name: str = "ptuning"
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    encoder_type: str = "MLP"  # MLP | LSTM
+
+    def problems(self) -> list[str]:
+        found = _positive_tokens(self.num_virtual_tokens)
+        if self.encoder_type not in ("MLP", "LSTM"):
+            found.append(f"method.encoder_type: {self.encoder_type!r} is not one of MLP, LSTM")
+        return found
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning (Li and Liang, 2021) through peft: trained keys and values before every layer's
+    attention (peft's adapter format; ChatGLM's own is `ptuning_v2`)."""
+
+    name: str = "prefix_tuning"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False  # the prefix through a 2-layer MLP
+
+    def problems(self) -> list[str]:
+        return _positive_tokens(self.num_virtual_tokens)
+
+
+def _positive_tokens(count: int) -> list[str]:
+    return [f"method.num_virtual_tokens: {count!r} must be > 0"] if count <= 0 else []
+
+
+@dataclass
 class FullConfig:
     """Full fine-tuning: every weight trains (in float32)."""
 
@@ -72,22 +187,36 @@ class FullConfig:
         return []
 
 
-MethodConfig = Union[LoraConfig, QLoraConfig, PtuningV2Config, FullConfig]
+MethodConfig = Union[LoraConfig, QLoraConfig, DoraConfig, AdaLoraConfig, Ia3Config, PromptTuningConfig, PtuningConfig,
+                     PrefixTuningConfig, PtuningV2Config, FullConfig]
 
 
 @dataclass(frozen=True)
 class Method:
     config: type
     frameworks: tuple[str, ...]  # the frameworks whose runtimes implement it
+    peft: bool = True  # trained and saved as a peft adapter on the torch path
 
 
 # The registry.
 METHODS: dict[str, Method] = {
     "lora": Method(LoraConfig, ("torch", "mindspore")),
     "qlora": Method(QLoraConfig, ("torch",)),  # bitsandbytes' 4-bit kernels exist for torch only
-    "ptuning_v2": Method(PtuningV2Config, ("torch", "mindspore")),
-    "full": Method(FullConfig, ("torch", "mindspore")),
+    "dora": Method(DoraConfig, ("torch",)),
+    "adalora": Method(AdaLoraConfig, ("torch",)),
+    "ia3": Method(Ia3Config, ("torch", "mindspore")),
+    "prompt_tuning": Method(PromptTuningConfig, ("torch",)),
+    "ptuning": Method(PtuningConfig, ("torch",)),
+    "prefix_tuning": Method(PrefixTuningConfig, ("torch",)),
+    "ptuning_v2": Method(PtuningV2Config, ("torch", "mindspore"), peft=False),  # ChatGLM's own prefix encoder
+    "full": Method(FullConfig, ("torch", "mindspore"), peft=False),
 }
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Whether weight decay applies to a trained parameter: matrices, not biases, norms or IA3's scaling
+    vectors (stored as [n, 1] or [1, n]; decay would pull them to 0, not to their identity 1)."""
+    return ndim >= 2 and "ia3_l" not in name
 
 
 def method_fields(name: str) -> dict[str, dataclasses.Field]:

@@ -69,6 +69,10 @@ class Runtime(Protocol):
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
         """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""
 
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       pad_id: int) -> list[list[int]]:
+        """`generate` for many prompts (batched where the framework can: left padding, greedy)."""
+
     def memory_stats(self) -> MemoryStats:
         """The device's memory use (allocated, reserved, peak bytes)."""
 

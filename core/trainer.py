@@ -113,14 +113,38 @@ def label_tokens(batch: dict[str, np.ndarray]) -> int:
 
 @dataclass
 class Position:
-    """Where the data stream stands: epoch and the next sample's index in that epoch's order."""
+    """Where the data streams stand: the training data's epoch and the next sample's index in that epoch's
+    order, the same for the mixed-in general data (`data.mix`), and the global micro-batches drawn so far."""
 
     epoch: int = 0
     offset: int = 0
+    mix_epoch: int = 0
+    mix_offset: int = 0
+    batches: int = 0
+
+
+MIX_STREAM = 1  # seeds the mixing draws and the general data's order apart from the training data's
+
+
+def _take(count: int, n: int, order_of: Callable[[int], np.ndarray], pos: Position, prefix: str = "") -> list[int]:
+    """The next `count` sample indices of a stream whose epoch and offset are `pos.{prefix}epoch|offset`,
+    running on into the next epoch at an epoch's end."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        epoch, offset = getattr(pos, prefix + "epoch"), getattr(pos, prefix + "offset")
+        take = order_of(epoch)[offset: offset + count - len(chosen)]
+        chosen += take.tolist()
+        offset += len(take)
+        if offset >= n:
+            epoch, offset = epoch + 1, 0
+        setattr(pos, prefix + "epoch", epoch)
+        setattr(pos, prefix + "offset", offset)
+    return chosen
 
 
 def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position,
-                  rank: int = 0, world_size: int = 1, group: int = 0) -> Iterator[dict]:
+                  rank: int = 0, world_size: int = 1, group: int = 0,
+                  mix: Optional[EncodedData] = None, mix_ratio: float = 0.0) -> Iterator[dict]:
     """Endless stream of this process's right-padded micro-batches; advances `pos`.
 
     Samples are taken in a per-epoch shuffled order (with `group`, one whose runs of `group` samples
@@ -128,20 +152,26 @@ def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Pos
     epoch at an epoch's end, so every batch is full), and process `rank` takes its slice. One process
     with micro-batch M*W therefore sees exactly the samples W processes of M see, and with `group` the
     samples of one optimizer step, the same samples whatever the accumulation.
+
+    With `mix`, each global micro-batch draws how many of its samples come from the general data
+    (binomial with probability `mix_ratio`, seeded by the run's seed and the batch's number, so a resumed
+    run draws the same) and where they sit in it; the general data has its own shuffled order and position.
     """
     n = len(data.samples)
     lengths = [len(ids) for ids, _ in data.samples] if group > 1 else None
+    total = size * world_size
     while True:
-        chosen: list[int] = []
-        while len(chosen) < size * world_size:
-            order = epoch_order(n, seed, pos.epoch, lengths, group)
-            take = order[pos.offset: pos.offset + size * world_size - len(chosen)]
-            chosen += take.tolist()
-            pos.offset += len(take)
-            if pos.offset >= n:
-                pos.epoch, pos.offset = pos.epoch + 1, 0
-        mine = chosen[rank * size: (rank + 1) * size]
-        yield collate([data.samples[i] for i in mine], pad_id)
+        rng = np.random.default_rng([seed, MIX_STREAM, pos.batches])
+        general = int(rng.binomial(total, mix_ratio)) if mix is not None and mix_ratio else 0
+        chosen = [data.samples[i] for i in _take(total - general, n, lambda e: epoch_order(n, seed, e, lengths, group),
+                                                 pos)]
+        if general:
+            m = len(mix.samples)
+            chosen += [mix.samples[i] for i in _take(general, m, lambda e: epoch_order(m, seed + MIX_STREAM, e),
+                                                     pos, "mix_")]
+            chosen = [chosen[i] for i in rng.permutation(total)]
+        pos.batches += 1
+        yield collate(chosen[rank * size: (rank + 1) * size], pad_id)
 
 
 # --- model folder ------------------------------------------------------------------------------------
@@ -220,6 +250,7 @@ def _step(line: str) -> float:
 
 
 def plot_loss(records: list[dict], path: Path) -> None:
+    """loss.png: the training loss, the evaluation losses and, with eval.generate, ROUGE-L and BLEU-4."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,15 +258,24 @@ def plot_loss(records: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if train:
         ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+    for key, label in (("eval_loss", "eval loss"), ("general_loss", "general loss (forgetting)")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    scores = [(r["step"], r["rouge-l"], r["bleu-4"]) for r in records if r.get("rouge-l") is not None]
+    if scores:  # eval.generate: the generation metrics on a second axis
+        right = ax.twinx()
+        steps, rouge, bleu = zip(*scores)
+        right.plot(steps, rouge, "s--", color="tab:green", label="ROUGE-L")
+        right.plot(steps, bleu, "^--", color="tab:purple", label="BLEU-4")
+        right.set_ylabel("score (0-100)")
+        right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -257,7 +297,7 @@ def run_record(recipe: Recipe, backend, precision, model_dir: Path) -> dict:
         if (model_dir / name).exists():
             model_files[name] = file_sha256(model_dir / name)
     data_files = {}
-    for path in filter(None, (recipe.data.train, recipe.data.eval)):
+    for path in filter(None, (recipe.data.train, recipe.data.eval, recipe.eval.general, recipe.data.mix)):
         data_files[path] = file_sha256(resolve_path(path))
     return {
         "versions": package_versions(),
@@ -271,16 +311,41 @@ def run_record(recipe: Recipe, backend, precision, model_dir: Path) -> dict:
 
 
 # --- the loop ----------------------------------------------------------------------------------------
-def load_data(recipe: Recipe, tokenizer) -> tuple[EncodedData, Optional[EncodedData]]:
-    def encode(path: str) -> EncodedData:
-        return encode_dataset(resolve_path(path), tokenizer, fmt=recipe.data.format,
-                              max_input_length=recipe.data.max_input_length,
+@dataclass
+class Datasets:
+    """A run's encoded data: training, held-out task data (`data.eval`), general-domain data scored for
+    forgetting (`eval.general`) and general data mixed into training (`data.mix`)."""
+
+    train: EncodedData
+    eval: Optional[EncodedData] = None
+    general: Optional[EncodedData] = None
+    mix: Optional[EncodedData] = None
+    dev: Optional[list] = None  # data.eval's prompts and references (core.evaluate.DevSample), for eval.generate
+
+
+def load_data(recipe: Recipe, tokenizer) -> Datasets:
+    """The run's data, encoded (the general-domain files in whatever format they are: `auto`)."""
+    def encode(path: Optional[str], fmt: str = recipe.data.format) -> Optional[EncodedData]:
+        if not path:
+            return None
+        return encode_dataset(resolve_path(path), tokenizer, fmt=fmt, max_input_length=recipe.data.max_input_length,
                               max_output_length=recipe.data.max_output_length)
 
-    train = encode(recipe.data.train)
-    if not train.samples:
-        raise RunError(f"data.train: {recipe.data.train}: no sample has an assistant reply to learn from")
-    return train, encode(recipe.data.eval) if recipe.data.eval else None
+    data = Datasets(encode(recipe.data.train), encode(recipe.data.eval), encode(recipe.eval.general, "auto"),
+                    encode(recipe.data.mix, "auto"))
+    for key, path, found in (("data.train", recipe.data.train, data.train), ("data.mix", recipe.data.mix, data.mix)):
+        if found is not None and not found.samples:
+            raise RunError(f"{key}: {path}: no sample has an assistant reply to learn from")
+    if recipe.eval.generate:
+        from .evaluate import read_dev_set
+        from .metrics import MissingDependency, check_libraries
+
+        try:
+            check_libraries()
+        except MissingDependency as e:
+            raise RunError(f"eval.generate: {e}") from None
+        data.dev = read_dev_set(resolve_path(recipe.data.eval), recipe.data.format, recipe.eval.generate_samples)[0]
+    return data
 
 
 def total_steps(recipe: Recipe, num_samples: int, world_size: int = 1) -> int:
@@ -289,6 +354,48 @@ def total_steps(recipe: Recipe, num_samples: int, world_size: int = 1) -> int:
         return recipe.train.max_steps
     per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     return max(1, math.ceil(recipe.train.epochs * num_samples / per_step))
+
+
+def evaluations(runtime, data: Datasets, recipe: Recipe, tokenizer) -> dict:
+    """What this run records at an evaluation: `eval_loss` on the task's held-out data, `general_loss` on
+    the general-domain data, and with eval.generate the generation metrics of data.eval's replies."""
+    found = {}
+    for key, encoded in (("eval_loss", data.eval), ("general_loss", data.general)):
+        if encoded is not None:
+            found[key] = evaluate(runtime, encoded, recipe, tokenizer.pad_token_id)
+    if data.dev:
+        found.update(generation_scores(runtime, data.dev, recipe, tokenizer))
+    return found
+
+
+def generation_scores(runtime, samples: list, recipe: Recipe, tokenizer) -> dict:
+    """ROUGE-1/2/L and BLEU-4 (as `tuneport eval`) of greedy replies to `samples`' prompts, at most
+    data.max_output_length tokens each."""
+    from .evaluate import prompt_ids, reply_start
+    from .metrics import METRICS, generation_metrics
+
+    start = reply_start(tokenizer)
+    prompts = [prompt_ids(tokenizer, s.context, recipe.data.max_input_length, start)[0] for s in samples]
+    replies = runtime.generate_batch(prompts, recipe.data.max_output_length, tokenizer.stop_token_ids,
+                                     tokenizer.pad_token_id)
+    predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+    scores = generation_metrics(predictions, [s.reference for s in samples])
+    return {name: scores[name] for name in METRICS}
+
+
+def forgetting(before: dict, after: dict) -> dict:
+    """How each evaluation changed over the run: {key: {"before", "after", "change"}}, the change relative
+    (None from a score of 0)."""
+    return {key: {"before": before[key], "after": after[key],
+                  "change": after[key] / before[key] - 1 if before[key] else None}
+            for key in before if after.get(key) is not None}
+
+
+def summary_line(change: dict) -> str:
+    """'task eval loss 2.31 → 1.12 (-51.5%), general loss 1.85 → 1.97 (+6.5%)' for what the run measured."""
+    names = {"eval_loss": "task eval loss", "general_loss": "general loss"}
+    return ", ".join(f"{names.get(k, k.upper())} {v['before']:.2f} → {v['after']:.2f}"
+                     + (f" ({v['change']:+.1%})" if v["change"] is not None else "") for k, v in change.items())
 
 
 def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
@@ -412,8 +519,7 @@ def train(
     recipe: Recipe,
     runtime: Runtime,
     tokenizer,
-    train_data: EncodedData,
-    eval_data: Optional[EncodedData],
+    data: Datasets,
     output_dir: Path,
     start: Optional[tuple[int, Position]] = None,
     on_step: Optional[Callable[[dict], None]] = None,
@@ -423,20 +529,26 @@ def train(
 
     Every process runs this; only rank 0 logs and writes. SIGINT or SIGTERM ends the run after the
     current optimizer step with a checkpoint (`Stopped`); a non-finite loss or gradient norm ends it
-    without one (`Diverged`).
+    without one (`Diverged`). A new run with evaluation data scores it before the first step (run.json's
+    `baseline`), and at the end records each evaluation loss's change (run.json's `forgetting`).
 
     Returns:
         The metric records of the whole run (including those before a resume); empty off rank 0.
     """
     t = recipe.train
     dist = runtime.dist
-    steps = total_steps(recipe, len(train_data.samples), dist.world_size)
+    steps = total_steps(recipe, len(data.train.samples), dist.world_size)
     ckpt_root = output_dir / "checkpoints"
     step, pos = start or (0, Position())
+    if start is None and (data.eval or data.general):
+        baseline = evaluations(runtime, data, recipe, tokenizer)
+        if dist.is_main:
+            update_run_json(output_dir, baseline=baseline)
     metrics = MetricsLog(output_dir, step if start else None) if dist.is_main else None
     per_step = t.micro_batch_size * dist.world_size * t.grad_accum  # grouped by what one optimizer step takes
-    stream = micro_batches(train_data, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
-                           dist.rank, dist.world_size, per_step if recipe.data.group_by_length else 0)
+    stream = micro_batches(data.train, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
+                           dist.rank, dist.world_size, per_step if recipe.data.group_by_length else 0,
+                           data.mix, recipe.data.mix_ratio)
 
     from tqdm import tqdm
 
@@ -462,8 +574,9 @@ def train(
                 record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
                           "peak_memory": runtime.memory_stats().peak}
-                if eval_data is not None and ((recipe.eval.every and step % recipe.eval.every == 0) or step == steps):
-                    record["eval_loss"] = evaluate(runtime, eval_data, recipe, tokenizer.pad_token_id)
+                if (data.eval or data.general) and ((recipe.eval.every and step % recipe.eval.every == 0)
+                                                    or step == steps):
+                    record.update(evaluations(runtime, data, recipe, tokenizer))
                 if metrics:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -501,7 +614,23 @@ def train(
     (output_dir / "adapter.tmp").rename(output_dir / "adapter")
     records = metrics.records()
     plot_loss(records, output_dir / "loss.png")
+    baseline = read_run_json(output_dir).get("baseline")
+    if baseline:
+        update_run_json(output_dir, forgetting=forgetting(baseline, records[-1]))
     return records
+
+
+def read_run_json(output_dir: Path) -> dict:
+    try:
+        return json.loads((output_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_run_json(output_dir: Path, **entries) -> None:
+    """Add `entries` to the run's run.json (written atomically)."""
+    atomic_write_text(output_dir / "run.json", json.dumps({**read_run_json(output_dir), **entries}, indent=2,
+                                                          default=str))
 
 
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:

@@ -31,6 +31,27 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def check_vocabulary_size(tokens: int, rows: int, field: str, tokenizer_file: str, tokenizer_path, model_path) -> None:
+    """A tokenizer of `tokens` ids must not produce ids past the model's `rows` embedding rows.
+
+    Raises:
+        CheckpointError: naming both files, the sizes, the config field and the fix.
+    """
+    if tokens > rows:
+        raise CheckpointError(
+            f"{tokenizer_path}: the tokenizer has {tokens} tokens but the model in {model_path} has {rows} embedding "
+            f"rows (config.json {field}); use the {tokenizer_file} that came with the model")
+
+
+def older_cache_name(inputs: dict) -> dict:
+    """`generate()`'s model inputs with the cache under its older name `past_key_values` (transformers 5
+    calls it `cache`), which peft's prompt methods (peft 0.21) read to tell the first step from the next
+    and set to inject their prefix; the models take both names."""
+    if "cache" in inputs:
+        inputs["past_key_values"] = inputs.pop("cache")
+    return inputs
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """What the rest of tuneport needs from one model family.
@@ -47,8 +68,13 @@ class ModelFamily:
             `build_chat_input`, `stop_token_ids`, `pad_token_id` and `decode`.
         check_vocabulary: (tokenizer, config, tokenizer path, model path) -> None; raises CheckpointError
             when the tokenizer makes ids past the model's embedding.
-        lora_targets: the linear layers LoRA adapts by default.
+        lora_targets: the linear layers LoRA (and DoRA, AdaLoRA) adapts by default.
+        ia3_targets: the layers IA3 rescales by default, and ia3_feedforward those of them scaled on
+            their input (the feed-forward ones).
+        prefix_shape: (config) -> peft PrefixTuningConfig keys (num_attention_heads, token_dim) for a
+            config whose KV geometry peft cannot read (grouped KV heads under other names); optional.
         linear_layers: every adaptable linear layer's name (for error messages).
+        reference: (name, config maker) of the family's flagship size, for tables (`tuneport methods`); optional.
         builders: base models it builds by name: name -> (config maker, folder writer).
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
         save_official: (torch model, folder) -> None, the model in the family's official checkpoint
@@ -70,6 +96,10 @@ class ModelFamily:
     check_vocabulary: Callable[..., None]
     lora_targets: tuple[str, ...]
     linear_layers: tuple[str, ...]
+    ia3_targets: tuple[str, ...] = ()
+    ia3_feedforward: tuple[str, ...] = ()
+    prefix_shape: Optional[Callable[[Any], dict]] = None
+    reference: Optional[tuple[str, Callable[[], Any]]] = None
     builders: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = field(default_factory=dict)
     convert: Optional[Callable[[Path, Path], None]] = None
     save_official: Optional[Callable[[Any, Path], None]] = None
@@ -92,8 +122,14 @@ def _chatglm3() -> ModelFamily:
     return family()
 
 
+def _qwen2() -> ModelFamily:
+    from .qwen2.family import family
+
+    return family()
+
+
 # The registry: a new family is one folder under models/ plus one line here (or `register_family`).
-_FAMILIES: dict[str, Entry] = {"chatglm": Entry(_chatglm3, builders=("demo",))}
+_FAMILIES: dict[str, Entry] = {"chatglm": Entry(_chatglm3, builders=("demo",)), "qwen2": Entry(_qwen2)}
 
 
 def register_family(model_type: str, factory: Callable[[], ModelFamily], builders: tuple[str, ...] = ()) -> None:

@@ -73,6 +73,23 @@ def test_rotary_rotates_interleaved_pairs_of_first_half():
     torch.testing.assert_close(out[..., 4:], x[..., 4:])
 
 
+def test_rotary_half_rotates_the_halves_of_the_first_rot_channels():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 2, 8, generator=g)  # [batch, seq, heads, head_dim 8]: 6 channels rotate
+    angles = torch.rand(1, 3, 3, generator=g) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # as transformers'
+    out = ref.rotary_half(x, cos, sin)
+    for b in range(2):
+        for s in range(3):
+            for h in range(2):
+                for p in range(3):  # channel p pairs with channel p + 3, rotated by angle p
+                    a = angles[0, s, p]
+                    x1, x2 = x[b, s, h, p], x[b, s, h, p + 3]
+                    expected = torch.stack([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()])
+                    torch.testing.assert_close(out[b, s, h, [p, p + 3]], expected)
+    torch.testing.assert_close(out[..., 6:], x[..., 6:])
+
+
 def test_swiglu():
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
     gate, up = x[:, :3], x[:, 3:]
@@ -100,12 +117,16 @@ def kernel_inputs(kernel: str, qkv) -> list[tuple[tuple, dict]]:
     if kernel == "rotary":
         angles = torch.rand(2, 3, 4, generator=g) * 6  # 8 of 16 channels rotate
         return [((x, angles.cos(), angles.sin()), {})]
+    if kernel == "rotary_half":  # all 16 channels, then 8 of them; angles per batch row, then shared
+        full, part = torch.rand(2, 3, 8, generator=g) * 6, torch.rand(1, 3, 4, generator=g) * 6
+        full, part = torch.cat((full, full), -1), torch.cat((part, part), -1)
+        return [((x, full.cos(), full.sin()), {}), ((x, part.cos(), part.sin()), {})]
     if kernel == "rms_norm":
         return [((x, torch.rand(16, generator=g) + 0.5, 1e-5), {})]
     return [((x,), {})]  # swiglu
 
 
-@pytest.mark.parametrize("kernel", ["attention", "rotary", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("kernel", ["attention", "rotary", "rotary_half", "rms_norm", "swiglu"])
 @pytest.mark.parametrize("name", sorted(kernel_tables()))
 def test_backend_kernels_match_reference(name, kernel, qkv):
     fn = getattr(kernel_tables()[name], kernel)
@@ -120,7 +141,7 @@ ON_DEVICE = [pytest.param(d, marks=pytest.mark.device(d)) for d in available_bac
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", ["attention", "rotary", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("kernel", ["attention", "rotary", "rotary_half", "rms_norm", "swiglu"])
 @pytest.mark.parametrize("device", ON_DEVICE)
 def test_kernels_on_the_device_match_the_cpu_reference(device, kernel, dtype, tol, qkv):
     """Hardware truth (`pytest -m device`): each kernel of the device's table, on the device, against the

@@ -280,6 +280,27 @@ def test_rotary_on_torch_npu_without_rotary_mode(monkeypatch, caplog):
     assert "TypeError" in caplog.text and caplog.text.count("using the eager rotary kernel") == 1
 
 
+@pytest.mark.parametrize("dim, rot, cos_batch", [(16, 16, 1), (32, 16, 2), (128, 128, 1)])
+def test_rotary_half(installed, chip, dim, rot, cos_batch):
+    mod, backend = installed
+    x = randn(2, 5, 3, dim, seed=50)
+    angles = randn(cos_batch, 5, rot // 2, seed=51) * 3
+    angles = torch.cat((angles, angles), dim=-1)  # transformers' layout: each half the same angles
+    out = backend.kernels.rotary_half(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(out, ref.rotary_half(x, angles.cos(), angles.sin()), **TOL)
+    # half mode on every chip, no probe; before Atlas A2 only for a multiple of 128 channels (the reference else)
+    fused = chip == "910B" or rot % 128 == 0
+    assert mod.fake_state.calls["npu_rotary_mul"] == (1 if fused else 0)
+
+
+def test_rotary_half_on_torch_npu_without_rotary_mode(monkeypatch):
+    mod = fake.install(monkeypatch, "910B", rotary_mode_arg=False)  # half is the old releases' only mode
+    x, angles = randn(1, 4, 2, 16, seed=52), randn(1, 4, 16, seed=53)
+    out = get_backend("npu").kernels.rotary_half(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(out, ref.rotary_half(x, angles.cos(), angles.sin()), **TOL)
+    assert mod.fake_state.calls["npu_rotary_mul"] == 1
+
+
 @pytest.fixture
 def qkv():
     q = randn(2, 4, 5, 16, seed=10)  # 4 query heads

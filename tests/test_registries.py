@@ -46,7 +46,9 @@ def test_a_backend_from_outside_the_package_trains_the_golden_model(counting_bac
     out = tmp_path / "run"
     assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "--device", "counting",
                  "train.max_steps=2", "train.micro_batch_size=2", f"output_dir={out}"]) == 0
-    assert set(counting_backend) == {f.name for f in fields(Kernels)} and min(counting_backend.values()) > 0
+    # every kernel ChatGLM3 runs on (rotary_half is the rotate-half rope of the transformers-native families)
+    assert set(counting_backend) == {f.name for f in fields(Kernels)} - {"rotary_half"}
+    assert min(counting_backend.values()) > 0
     assert json.loads((out / "run.json").read_text())["device"] == "counting"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

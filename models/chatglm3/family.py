@@ -25,6 +25,7 @@ def family() -> ModelFamily:
     from . import builders
     from .checkpoint import check_checkpoint, convert_to_safetensors, load_model, save_official
     from .files import check_vocabulary, load_config, load_tokenizer
+    from .config import chatglm3_6b_config
     from .model import ChatGLMForConditionalGeneration
 
     return ModelFamily(
@@ -35,6 +36,12 @@ def family() -> ModelFamily:
         check_vocabulary=check_vocabulary,
         lora_targets=("query_key_value",),  # the official fine-tuning demo's
         linear_layers=LINEAR_LAYERS,
+        # as peft's for fused-QKV models (Bloom, GPT-NeoX): the attention's output and the MLP's input to its last layer
+        ia3_targets=("query_key_value", "dense_4h_to_h"),
+        ia3_feedforward=("dense_4h_to_h",),
+        prefix_shape=lambda config: {"num_attention_heads": config.kv_heads,
+                                     "token_dim": config.kv_heads * config.kv_channels},
+        reference=("ChatGLM3-6B", chatglm3_6b_config),
         builders={"demo": (lambda: builders.builder_config("demo"), builders.build_demo_folder)},
         convert=convert_to_safetensors,
         save_official=save_official,

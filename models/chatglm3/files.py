@@ -1,6 +1,6 @@
 """ChatGLM3 checkpoint folders, framework-neutral (json, numpy, safetensors; no torch, no MindSpore):
 the layouts, config reading, the shard index (confined to the folder), weight-name and shape validation,
-the official attention-mask rules, and PEFT's LoRA adapter config. The torch and MindSpore models both
+the official attention-mask rules, and PEFT's LoRA and IA3 adapter configs. The torch and MindSpore models both
 use them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .. import CheckpointError, read_json
+from .. import CheckpointError, check_vocabulary_size, read_json
 from .config import ChatGLM3Config
 from .tokenizer import ChatGLM3Tokenizer
 
@@ -147,17 +147,22 @@ def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[
             "modules_to_save": None, "use_rslora": False, "use_dora": False}
 
 
+def peft_ia3_config(target_modules: list[str], feedforward_modules: list[str], base_model: str = "") -> dict:
+    """The adapter_config.json of a PEFT IA3 adapter, as peft writes it for these settings."""
+    return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(target_modules),
+            "feedforward_modules": sorted(feedforward_modules), "exclude_modules": None, "fan_in_fan_out": False,
+            "inference_mode": True, "init_ia3_weights": True, "base_model_name_or_path": base_model,
+            "modules_to_save": None, "auto_mapping": None, "revision": None}
+
+
 def check_vocabulary(tokenizer: ChatGLM3Tokenizer, config: ChatGLM3Config, tokenizer_path, model_path) -> None:
     """A tokenizer must not produce ids past the model's embedding rows.
 
     Raises:
         CheckpointError: naming both files and the sizes.
     """
-    if len(tokenizer) > config.padded_vocab_size:
-        raise CheckpointError(
-            f"{tokenizer_path}: the tokenizer has {len(tokenizer)} tokens but the model in {model_path} has "
-            f"{config.padded_vocab_size} embedding rows (config.json padded_vocab_size); use the tokenizer.model "
-            "that came with the model")
+    check_vocabulary_size(len(tokenizer), config.padded_vocab_size, "padded_vocab_size", "tokenizer.model",
+                          tokenizer_path, model_path)
 
 
 def load_tokenizer(path: Union[str, Path]) -> ChatGLM3Tokenizer:

@@ -2,8 +2,9 @@
 
 The same architecture as `model.py` (see its docstring for the official code it matches), written with
 MindSpore Cells in PyNative mode, with the official parameter names, so the same checkpoint folders
-load and LoRA adapters are saved and read in PEFT's format (`base_model.model.<name>.lora_A.weight`):
-an adapter trained here loads with `peft.PeftModel.from_pretrained` on a CUDA box, and the reverse.
+load and LoRA and IA3 adapters are saved and read in PEFT's format (`base_model.model.<name>.lora_A.weight`,
+`base_model.model.<name>.ia3_l`): an adapter trained here loads with `peft.PeftModel.from_pretrained` on
+a CUDA box, and the reverse.
 
     model = load_model("/models/chatglm3-6b")          # a mindspore.nn.Cell
     logits, loss = model(input_ids, attention_mask=mask, labels=labels)
@@ -23,7 +24,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from .. import CheckpointError, read_json
 from .files import (DERIVED_KEYS, PREFIX_ENCODER, attention_allowed, load_config, match_weights,
-                    peft_lora_config, weight_files)
+                    peft_ia3_config, peft_lora_config, weight_files)
 from .config import ChatGLM3Config
 
 PEFT_PREFIX = "base_model.model."
@@ -36,8 +37,14 @@ def _tensor(x, dtype=None) -> Tensor:
     return Tensor(array if dtype is None else array, dtype=dtype)
 
 
+def _scaled(x, vector):
+    """x times an IA3 vector, in the vector's dtype and back (as peft's IA3 layers)."""
+    return (x.astype(vector.dtype) * vector.reshape(-1)).astype(x.dtype)
+
+
 class Linear(nn.Cell):
-    """y = x W^T + b, with an optional LoRA branch (peft's: B(A(dropout(x))) * alpha / r)."""
+    """y = x W^T + b, with an optional LoRA branch (peft's: + B(A(dropout(x))) * alpha / r) and an
+    optional IA3 vector (peft's: y * l, bias included; on a feed-forward layer ((x * l) W^T + b))."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -46,6 +53,7 @@ class Linear(nn.Cell):
         self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32))) if bias else None
         self.lora_A = self.lora_B = None
         self.lora_scaling, self.lora_dropout = 0.0, 0.0
+        self.ia3_l, self.ia3_feedforward = None, False
 
     def add_lora(self, r: int, alpha: float, dropout: float, rng: np.random.Generator) -> None:
         """Attach LoRA initialised as peft does: A kaiming-uniform(a=sqrt(5)), B zero."""
@@ -55,13 +63,23 @@ class Linear(nn.Cell):
         self.lora_B = Linear(r, self.out_features, bias=False)
         self.lora_scaling, self.lora_dropout = alpha / r, dropout
 
+    def add_ia3(self, feedforward: bool) -> None:
+        """Attach an IA3 vector of ones in peft's shape: [1, in] on the input of a feed-forward layer,
+        else [out, 1] on the output."""
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l, self.ia3_feedforward = Parameter(Tensor(np.ones(shape, np.float32))), feedforward
+
     def construct(self, x):
+        if self.ia3_l is not None and self.ia3_feedforward:
+            x = _scaled(x, self.ia3_l)
         y = ops.matmul(x, self.weight.T.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         if self.lora_A is not None:
             h = ops.dropout(x, p=self.lora_dropout, training=self.training) if self.lora_dropout else x
             y = y + self.lora_B(self.lora_A(h)) * self.lora_scaling
+        if self.ia3_l is not None and not self.ia3_feedforward:
+            y = _scaled(y, self.ia3_l)
         return y
 
 
@@ -313,47 +331,109 @@ def shifted_loss(logits, labels, num_items_in_batch=None):
     return total / count
 
 
-# --- LoRA in PEFT's format -------------------------------------------------------------------------------
-def add_lora(model: ChatGLMForConditionalGeneration, r: int, alpha: float, dropout: float,
-             target_modules: list[str], seed: int = 0) -> int:
-    """Attach LoRA to every Linear whose attribute name is in `target_modules`; freeze everything else.
+# --- LoRA and IA3 in PEFT's format -----------------------------------------------------------------------
+LORA, IA3 = ".lora_", ".ia3_l"  # in the names of their parameters
 
-    Returns:
-        The number of adapted layers.
-    """
-    rng = np.random.default_rng(seed)
+
+def _matches(name: str, modules: list[str]) -> bool:
+    """peft's rule for a list of target modules: the full name, or its ending after a dot."""
+    return any(name == m or name.endswith("." + m) for m in modules)
+
+
+def _adapt(model: nn.Cell, target_modules: list[str], attach) -> int:
+    """Freeze every parameter, then `attach(name, linear)` to each Linear that `target_modules` names."""
     for param in model.get_parameters():
         param.requires_grad = False
     count = 0
     for name, cell in model.cells_and_names():
-        if isinstance(cell, Linear) and name.split(".")[-1] in target_modules:
-            cell.add_lora(r, alpha, dropout, rng)
+        if isinstance(cell, Linear) and _matches(name, target_modules):
+            attach(name, cell)
             count += 1
     name_parameters(model)
     return count
 
 
+def add_lora(model: ChatGLMForConditionalGeneration, r: int, alpha: float, dropout: float,
+             target_modules: list[str], seed: int = 0) -> int:
+    """Attach LoRA to every Linear named in `target_modules`; freeze everything else.
+
+    Returns:
+        The number of adapted layers.
+    """
+    rng = np.random.default_rng(seed)
+    return _adapt(model, target_modules, lambda name, cell: cell.add_lora(r, alpha, dropout, rng))
+
+
+def add_ia3(model: ChatGLMForConditionalGeneration, target_modules: list[str], feedforward_modules: list[str]) -> int:
+    """Attach IA3 vectors (ones) to every Linear named in `target_modules`, on the input of those that
+    `feedforward_modules` names (peft's rule: the name ends with one of them), else on the output;
+    freeze everything else.
+
+    Returns:
+        The number of adapted layers.
+    """
+    return _adapt(model, target_modules,
+                  lambda name, cell: cell.add_ia3(any(name.endswith(m) for m in feedforward_modules)))
+
+
 def name_parameters(model: nn.Cell) -> None:
-    """Give every Parameter its full dotted name (official names, and PEFT's lora_A/lora_B)."""
+    """Give every Parameter its full dotted name (official names, and PEFT's lora_A/lora_B/ia3_l)."""
     for name, param in model.parameters_and_names():
         param.name = name
 
 
-def lora_state(model: nn.Cell) -> dict[str, np.ndarray]:
-    """LoRA weights under PEFT's saved names (`base_model.model.<name>.lora_A.weight`)."""
-    return {PEFT_PREFIX + name: param.asnumpy() for name, param in model.parameters_and_names() if ".lora_" in name}
+def adapter_state(model: nn.Cell, kind: str) -> dict[str, np.ndarray]:
+    """The adapter's weights (`kind`: LORA or IA3) under PEFT's saved names (`base_model.model.<name>...`)."""
+    return {PEFT_PREFIX + name: param.asnumpy() for name, param in model.parameters_and_names() if kind in name}
+
+
+def _save_adapter(model: nn.Cell, folder: Union[str, Path], kind: str, config: dict) -> None:
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in adapter_state(model, kind).items()},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def save_lora(model: nn.Cell, folder: Union[str, Path], r: int, alpha: float, dropout: float,
               target_modules: list[str], base_model: str = "") -> None:
     """Write a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.numpy import save_file
+    _save_adapter(model, folder, LORA, peft_lora_config(r, alpha, dropout, target_modules, base_model))
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in lora_state(model).items()}, str(folder / "adapter_model.safetensors"))
-    config = peft_lora_config(r, alpha, dropout, target_modules, base_model)
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+def save_ia3(model: nn.Cell, folder: Union[str, Path], target_modules: list[str], feedforward_modules: list[str],
+             base_model: str = "") -> None:
+    """Write a PEFT IA3 adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    _save_adapter(model, folder, IA3, peft_ia3_config(target_modules, feedforward_modules, base_model))
+
+
+def _adapter_config(folder: Path, peft_type: str) -> dict:
+    config = read_json(folder / "adapter_config.json")
+    if config.get("peft_type") != peft_type:
+        raise CheckpointError(f"{folder}: adapter type {config.get('peft_type')!r} is not {peft_type}")
+    return config
+
+
+def _modules(config: dict, key: str) -> list[str]:
+    modules = config.get(key) or []
+    return [modules] if isinstance(modules, str) else list(modules)
+
+
+def _load_weights(model: nn.Cell, folder: Path, kind: str, trainable: bool) -> None:
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    params = dict(model.parameters_and_names())
+    for key, value in weights.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = name.replace(".default.", ".")
+        if name not in params or tuple(params[name].shape) != value.shape:
+            raise CheckpointError(f"{folder}: adapter weight {key} {list(value.shape)} matches no layer of this model")
+        params[name].set_data(Tensor(value.astype(np.float32)))
+    for name, param in params.items():
+        param.requires_grad = trainable and kind in name
 
 
 def load_lora(model: ChatGLMForConditionalGeneration, folder: Union[str, Path], trainable: bool = False) -> dict:
@@ -362,25 +442,24 @@ def load_lora(model: ChatGLMForConditionalGeneration, folder: Union[str, Path], 
     Returns:
         The adapter's config.
     """
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
-    config = read_json(folder / "adapter_config.json")
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{folder}: adapter type {config.get('peft_type')!r} is not LORA")
-    targets = config["target_modules"]
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets)
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    params = dict(model.parameters_and_names())
-    for key, value in weights.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        name = name.replace(".default.", ".")
-        if name not in params:
-            raise CheckpointError(f"{folder}: adapter weight {key} matches no layer of this model")
-        params[name].set_data(Tensor(value.astype(np.float32)))
-    for name, param in params.items():
-        param.requires_grad = trainable and ".lora_" in name
+    config = _adapter_config(folder, "LORA")
+    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+             _modules(config, "target_modules"))
+    _load_weights(model, folder, LORA, trainable)
+    return config
+
+
+def load_ia3(model: ChatGLMForConditionalGeneration, folder: Union[str, Path], trainable: bool = False) -> dict:
+    """Attach and load a PEFT IA3 adapter folder (written by peft or by `save_ia3`).
+
+    Returns:
+        The adapter's config.
+    """
+    folder = Path(folder)
+    config = _adapter_config(folder, "IA3")
+    add_ia3(model, _modules(config, "target_modules"), _modules(config, "feedforward_modules"))
+    _load_weights(model, folder, IA3, trainable)
     return config
 
 

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS
+from .. import older_cache_name
 from ..loss import label_loss, shifted_loss
 
 from .config import ChatGLM3Config
@@ -263,13 +264,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        past_kvs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [batch, seq, hidden]; `cache` (if given) is extended."""
+        """Hidden states after the final norm, [batch, seq, hidden]; `cache` (if given) is extended.
+        `past_kvs` are per-layer keys and values to attend to before the input without extending them
+        (peft's prefix tuning in training)."""
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         cached = cache.get_seq_length() if cache is not None else 0
         prefix_kvs = [None] * self.num_layers
-        if self.pre_seq_len and cached == 0:
+        if past_kvs is not None:
+            prefix_kvs, cached = past_kvs, past_kvs[0][0].shape[2]
+        elif self.pre_seq_len and cached == 0:
             prefix_kvs = self.get_prompt(batch, x.dtype)
         prefix = self.pre_seq_len  # keys before the first real token: the prefix, new or cached
         past_tokens = cached - prefix if self.pre_seq_len and cached else cached
@@ -284,6 +290,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM3 causal LM: `forward` gives logits and the official shifted float32 loss."""
+
+    keeps_prefix_when_checkpointing = True  # past keys and values given in training stay a fixed prefix
 
     def __init__(self, config: ChatGLM3Config):
         super().__init__(config)
@@ -345,6 +353,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             use_cache = False  # recomputed layers would extend the cache twice
         if cache is not None and not isinstance(cache, Cache):
             cache = DynamicCache(cache)
+        past_kvs = None
+        if cache is not None and not use_cache and cache.get_seq_length():
+            # keys and values to attend to, not to extend (peft's prefix tuning in training): a fixed prefix
+            past_kvs = [(layer.keys, layer.values) for layer in cache.layers]
         if use_cache and cache is None:
             cache = DynamicCache()
         hidden = self.transformer(
@@ -353,6 +365,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache if use_cache else None,
             inputs_embeds=inputs_embeds,
+            past_kvs=past_kvs,
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if loss_only and labels is not None:
@@ -374,7 +387,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # generate() derives position ids from the padding mask; ChatGLM3 counts from 0 on every row.
         inputs.pop("position_ids", None)
-        return inputs
+        return older_cache_name(inputs)
 
 
 # Registered with transformers' Auto classes: `AutoModelForCausalLM.from_pretrained(folder)` of a ChatGLM3

@@ -181,12 +181,22 @@ def build(
         https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000141.html:
         output = r1 * input + r2 * x_new; half: x1, x2 = chunk(input, 2, -1), x_new = cat((-x2, x1), -1);
         interleave: x1 = input[..., ::2], x2 = input[..., 1::2], x_new = stack((-x2, x1), -1) flattened
-        ("... d two -> ... (d two)"). 4-D tensors; interleave: D even and < 896, B * N < 1000 (Atlas A2/A3).
+        ("... d two -> ... (d two)"). 4-D tensors; interleave: D even and < 896, B * N < 1000 (Atlas A2/A3);
+        half: D even and < 896, B and N < 1000 on Atlas A2/A3, D a multiple of 128 on earlier Atlas training
+        chips (Pytorch/600 ptaoplist_000486). r1 and r2 broadcast to input (for the BSND layout the backend
+        uses: 1S1D, BS1D or BSND; this fake reads B and N as dims 0 and 2).
         """
         state.calls["npu_rotary_mul"] += 1
         if input.dim() != 4 or r1.dim() != 4 or r2.dim() != 4:
             raise RuntimeError("npu_rotary_mul: input, r1 and r2 must be 4-D")
+        if r1.shape != r2.shape or torch.broadcast_shapes(r1.shape, input.shape) != input.shape:
+            raise RuntimeError(f"npu_rotary_mul: r1 {tuple(r1.shape)} and r2 {tuple(r2.shape)} do not broadcast "
+                               f"to input {tuple(input.shape)}")
         if rotary_mode == "half":
+            b, _, n, d = input.shape
+            if d % 2 or d >= 896 or b >= 1000 or n >= 1000 or (not spec.atlas_a2 and d % 128):
+                raise RuntimeError(f"npu_rotary_mul: half mode needs D even and < 896 (a multiple of 128 on "
+                                   f"{spec.name}) and B, N < 1000, got {tuple(input.shape)}")
             x1, x2 = torch.chunk(input, 2, dim=-1)
             x_new = torch.cat((-x2, x1), dim=-1)
         elif rotary_mode == "interleave":

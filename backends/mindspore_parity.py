@@ -1,0 +1,102 @@
+"""What `tuneport parity` captures from a MindSpore model: one fixed batch forward and backward.
+
+The model is set up as `MindSporeRuntime` trains it (float32 weights, activations in the compute dtype,
+fp16 losses scaled), in PyNative mode, where cells take torch-style forward hooks: the first block's input
+(the embedding), every block's output and the output layer's input (the final norm). A forward with the
+hooks gives those, the logits and the loss; `mindspore.value_and_grad` then gives every trained
+parameter's gradient. The same rows, under the same names, as `torch_parity.capture`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..models import CheckpointError, family_for, read_json
+
+
+def _numpy(value) -> np.ndarray:
+    import mindspore as ms
+
+    value = value[0] if isinstance(value, (tuple, list)) else value
+    return value.astype(ms.float32).asnumpy()
+
+
+def _blocks(model, num_layers: int):
+    """The model's transformer blocks: its first CellList of `num_layers` cells."""
+    from mindspore import nn
+
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, nn.CellList) and len(cell) == num_layers:
+            return cell
+    raise ValueError(f"{type(model).__name__}: no list of {num_layers} blocks to capture")
+
+
+def _head(model):
+    """The output layer (whose input is the final norm's output)."""
+    for name, cell in model.cells_and_names():
+        if name.rsplit(".", 1)[-1] in ("output_layer", "lm_head"):
+            return cell
+    raise ValueError(f"{type(model).__name__}: no output layer to capture")
+
+
+def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch: dict[str, np.ndarray], lora,
+            loss_scale: float) -> dict[str, np.ndarray]:
+    """Run `batch` forward and backward once; the arguments and result are those of `torch_parity.capture`
+    (`device` is the MindSporeDevice, already set up). Adapters: PEFT LoRA and IA3.
+
+    Raises:
+        CheckpointError: an adapter of another kind.
+    """
+    import mindspore as ms
+
+    family = family_for(model_dir)
+    mm = family.mindspore()
+    model = mm.load_model(model_dir)
+    if adapter is not None:
+        kind = read_json(adapter / "adapter_config.json").get("peft_type")
+        loaders = {"LORA": mm.load_lora, "IA3": mm.load_ia3}
+        if kind not in loaders:
+            raise CheckpointError(f"--adapter {adapter}: a {kind} adapter; the MindSpore model takes LoRA and IA3 "
+                                  "adapters: compare this one with --framework torch on both sides")
+        loaders[kind](model, adapter, trainable=True)
+    else:
+        mm.add_lora(model, lora.r, lora.alpha, 0.0, list(lora.targets))
+        for name, param in model.parameters_and_names():
+            if ".lora_" in name:
+                param.set_data(ms.Tensor(lora.weight(name, tuple(param.shape))))
+    model.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
+    model.set_train(False)  # no dropout: both sides see the same function
+    trained = [p for p in model.get_parameters() if p.requires_grad]
+
+    captured: dict[str, np.ndarray] = {}
+
+    def keeper(name: str):
+        return lambda cell, args, output: captured.__setitem__(name, _numpy(output))
+
+    blocks = _blocks(model, model.config.num_layers)
+    hooks = [blocks[0].register_forward_pre_hook(lambda cell, args: captured.__setitem__("embedding",
+                                                                                           _numpy(args[0])))]
+    hooks += [block.register_forward_hook(keeper(f"layers.{i}")) for i, block in enumerate(blocks)]
+    hooks.append(_head(model).register_forward_pre_hook(
+        lambda cell, args: captured.__setitem__("final_norm", _numpy(args[0]))))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    num_items = int((labels[:, 1:] != -100).sum())
+    try:
+        logits, loss = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    captured["logits"] = _numpy(logits)
+    captured["loss"] = _numpy(loss)
+
+    def scaled_loss(ids, labels):
+        return model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)[1] * loss_scale
+
+    grad_fn = ms.value_and_grad(scaled_loss, None, trained)
+    _, grads = grad_fn(ms.Tensor(ids, ms.int32), ms.Tensor(labels, ms.int32))
+    for param, grad in zip(trained, grads):
+        captured[f"grad:{param.name}"] = _numpy(grad) / np.float32(loss_scale)
+    return captured

@@ -1,0 +1,125 @@
+"""What `tuneport parity` captures from a torch model on one Backend: one fixed batch forward and backward.
+
+The model is loaded as a run would train it: frozen base weights in the compute dtype, the trained
+weights (the adapter's) in float32, the forward under the backend's autocast, fp16 losses scaled. Forward
+hooks take the first block's input (the embedding), every block's output and the output layer's input (the
+final norm); the model gives the logits and the loss; backward gives every trained parameter's gradient.
+The framework-neutral rest (rows, tolerances, report) is `tuneport.core.parity`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Backend
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _numpy(value) -> np.ndarray:
+    value = value[0] if isinstance(value, (tuple, list)) else value
+    return value.detach().float().cpu().numpy()
+
+
+def blocks_of(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's transformer blocks: its first ModuleList of `num_layers` modules (ChatGLM3's
+    `transformer.encoder.layers`, Qwen2's `model.layers`)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {num_layers} blocks to capture")
+
+
+def _attach_lora(model: nn.Module, lora) -> nn.Module:
+    """The synthetic LoRA of `tuneport.core.parity.SyntheticLora` through peft, weights from `lora.weight`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets),
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.data = torch.from_numpy(lora.weight(name, tuple(param.shape))).to(param.device)
+    return model
+
+
+def _trained(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a run trains on top of `model`: a peft adapter's, or P-tuning v2's prefix encoder."""
+    adapter = getattr(model, "active_adapter", None)
+    if isinstance(adapter, str):  # a PeftModel: its adapter's parameters carry the adapter's name
+        return {n: p for n, p in model.named_parameters() if adapter in n.split(".")}
+    return {n: p for n, p in model.named_parameters() if n.startswith("transformer.prefix_encoder.")}
+
+
+def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, adapter: Optional[Path],
+            batch: dict[str, np.ndarray], lora, loss_scale: float) -> dict[str, np.ndarray]:
+    """Run `batch` forward and backward once and return what `tuneport parity` compares.
+
+    Args:
+        backend: the device (already set up); its kernels run the model.
+        device_index: which of its devices.
+        dtype: compute dtype: fp32, bf16 or fp16.
+        model_dir: the base checkpoint folder.
+        adapter: a tuned result (PEFT adapter or P-tuning v2 folder), or None for `lora`.
+        batch: numpy input_ids, labels, attention_mask.
+        lora: the synthetic LoRA attached when there is no adapter (`tuneport.core.parity.SyntheticLora`).
+        loss_scale: the loss is multiplied by this before backward and the gradients divided by it (fp16).
+
+    Returns:
+        float32 arrays in forward order: `embedding`, `layers.N` for each block, `final_norm`, `logits`,
+        `loss`, then `grad:NAME` for each trained parameter (peft's names, as the model has them).
+    """
+    from ..models import family_for
+    from .torch_runtime import load_tuned_model
+
+    compute = DTYPES[dtype]
+    torch.manual_seed(0)
+    backend.manual_seed(0)
+    if adapter is not None:
+        model = load_tuned_model(model_dir, adapter, backend, dtype=compute, device_index=device_index)
+    else:
+        base = family_for(model_dir).load_model(model_dir, backend, dtype=compute, device_index=device_index)
+        model = _attach_lora(base, lora)
+    trained = _trained(model)
+    model.requires_grad_(False)
+    for param in trained.values():  # trained weights stay float32, as in a run
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    model.eval()  # no dropout: both sides see the same function
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = blocks_of(inner, inner.config.num_hidden_layers)
+    captured: dict[str, np.ndarray] = {}
+
+    def keeper(name: str) -> Callable:
+        return lambda module, args, output: captured.__setitem__(name, _numpy(output))
+
+    hooks = [blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.__setitem__("embedding", _numpy(args[0] if args else
+                                                                              kwargs["hidden_states"])),
+        with_kwargs=True)]
+    hooks += [block.register_forward_hook(keeper(f"layers.{i}")) for i, block in enumerate(blocks)]
+    hooks.append(inner.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: captured.__setitem__("final_norm", _numpy(args[0]))))
+    device = backend.device(device_index)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    try:
+        with backend.autocast(compute):
+            out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
+        (out.loss * loss_scale).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    captured["logits"] = _numpy(out.logits)
+    captured["loss"] = _numpy(out.loss)
+    for name, param in trained.items():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        captured[f"grad:{name}"] = _numpy(grad.float() / loss_scale)
+    backend.synchronize()
+    return captured

@@ -1,0 +1,202 @@
+"""Qwen2 checkpoint folders as Hugging Face publishes them (Qwen/Qwen2.5-7B-Instruct and the others):
+config.json, model.safetensors or its shards with model.safetensors.index.json, tokenizer.json.
+
+Only files are read: no code from the folder runs (config.json's auto_map is dropped) and no network is
+used. The folder is validated from config.json and the safetensors headers before any weight is read;
+then transformers loads the weights memory-mapped, straight onto the device in the requested dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
+from transformers import Qwen2Config
+
+from ...backends import Backend, get_backend
+from .. import CheckpointError, read_json
+from .model import Qwen2ForCausalLM
+
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def config_problems(values: dict) -> list[str]:
+    """Every problem of a Qwen2 config.json's values, each naming the field, the value and the fix."""
+    problems = [f"{key}: {'missing' if key not in values else repr(values[key])}; expected a positive integer"
+                for key in POSITIVE_INTS if not _positive_int(values.get(key))]
+    heads, hidden = values.get("num_attention_heads"), values.get("hidden_size")
+    kv_heads = values.get("num_key_value_heads") or heads
+    if not _positive_int(kv_heads) or (_positive_int(heads) and heads % kv_heads):
+        problems.append(f"num_key_value_heads: {kv_heads!r}; expected a positive integer dividing "
+                        f"num_attention_heads ({heads})")
+    head_dim = values.get("head_dim") or (hidden // heads if _positive_int(hidden) and _positive_int(heads)
+                                          and hidden % heads == 0 else None)
+    if head_dim is None and _positive_int(hidden) and _positive_int(heads):
+        problems.append(f"hidden_size: {hidden} is not a multiple of num_attention_heads ({heads}); give head_dim")
+    elif head_dim is not None and (not _positive_int(head_dim) or head_dim % 2):
+        problems.append(f"head_dim: {head_dim!r}; expected an even positive integer (the rotary embedding "
+                        "rotates halves)")
+    eps = values.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        problems.append(f"rms_norm_eps: {eps!r}; expected a positive number")
+    if values.get("attention_dropout", 0.0) not in (0, 0.0):
+        problems.append(f"attention_dropout: {values['attention_dropout']!r}; the backends' attention kernels "
+                        "have no dropout: set it to 0.0")
+    if values.get("use_sliding_window"):
+        problems.append("use_sliding_window: true; sliding-window attention is not supported: set it to false "
+                        "(Qwen2.5 releases ship it false)")
+    if values.get("quantization_config") is not None:
+        problems.append("quantization_config: a pre-quantized checkpoint (AWQ, GPTQ, ...) is not supported; use "
+                        "the bf16 release (method qlora quantizes it on the fly)")
+    return problems
+
+
+def load_config(path: Union[str, Path], **overrides) -> Qwen2Config:
+    """Read and validate config.json of a Qwen2 folder.
+
+    Raises:
+        CheckpointError: the file is missing or invalid, its values are (every problem listed), or
+            overrides ask for what Qwen2 has not (P-tuning v2's prefix encoder).
+    """
+    file = Path(path) / "config.json"
+    values = read_json(file)
+    values.pop("auto_map", None)  # never point transformers at code in the folder
+    if overrides:
+        raise CheckpointError(f"{path}: Qwen2 has no {', '.join(sorted(overrides))} (P-tuning v2 is ChatGLM3's "
+                              "prefix encoder); use method lora, qlora or another peft method")
+    problems = config_problems(values)
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    try:
+        return Qwen2Config(**values)
+    except (TypeError, ValueError, StrictDataclassError) as e:  # transformers' own checks of the values
+        raise CheckpointError(f"{file}: {' '.join(str(e).split())}") from None
+
+
+def qwen2_5_7b_config(**overrides) -> Qwen2Config:
+    """Qwen2.5-7B's architecture (its config.json on the Hugging Face hub, Qwen/Qwen2.5-7B-Instruct)."""
+    values = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="bfloat16")
+    return Qwen2Config(**{**values, **overrides})
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of `folder`, via the index when the checkpoint is sharded.
+
+    Raises:
+        CheckpointError: no weights, an index without a weight map, missing shards, or an index entry
+            that points outside the folder (checked before any shard is opened).
+    """
+    index = folder / INDEX
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
+        names = list(dict.fromkeys(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or os.path.isabs(n)
+                   or os.path.normpath(n).split(os.sep)[0] in ("..", "")]
+        if outside:
+            raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
+                                  f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in {folder}")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
+        return [folder / n for n in names]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "none"
+    raise CheckpointError(f"{folder}: no weights found; expected {SINGLE} or {INDEX} with its shards (.bin files: "
+                          f"{found}; convert them to safetensors)")
+
+
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or "
+                              "incomplete, download it again") from None
+
+
+def check_checkpoint(path: Union[str, Path], **overrides) -> tuple[Qwen2Config, list[Path], list[str]]:
+    """Validate a Qwen2 folder from config.json and the safetensors headers, reading no weights.
+
+    Returns:
+        (config, weight files, names the files may lack: lm_head.weight when tied to the embedding).
+
+    Raises:
+        CheckpointError: not a folder, a bad config, no weights, missing or unexpected tensors, wrong
+            shapes (all listed), or a damaged file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass the checkpoint folder that holds config.json")
+    config = load_config(folder, **overrides)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Qwen2ForCausalLM(config).state_dict().items()}
+    found = {name: (shape, file.name) for file in files for name, shape in _shapes(file).items()
+             if not name.endswith("rotary_emb.inv_freq")}  # a buffer older exports stored; recomputed
+    optional = ["lm_head.weight"] if config.tie_word_embeddings else []
+    missing = [n for n in expected if n not in found and n not in optional]
+    unexpected = [n for n in found if n not in expected]
+    wrong = [f"{n} (expected {list(expected[n])}, found {list(shape)} in {file})"
+             for n, (shape, file) in found.items() if n in expected and tuple(shape) != expected[n]]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not match config.json ({'; '.join(problems)}); check that "
+                              "config.json belongs to these weights")
+    return config, files, optional
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], config: Qwen2Config) -> torch.dtype:
+    """None means float32; "auto" the checkpoint's own dtype (config.json torch_dtype); names like "bf16"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype == "auto":
+        own = config.dtype
+        return own if isinstance(own, torch.dtype) else DTYPES.get(str(own), torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: Union[str, Path], backend: Union[str, Backend] = "cpu", dtype=None, device_index: int = 0,
+               **overrides) -> Qwen2ForCausalLM:
+    """Load a Qwen2 checkpoint folder onto a backend's device, running on the backend's kernels.
+
+    Args:
+        path: the Hugging Face folder (config.json, model.safetensors or shards with their index).
+        backend: the run's Backend, or a device name ("cpu", "cuda:1") for which one is made.
+        dtype: the weights' dtype (torch dtype or name; None is float32, "auto" the checkpoint's).
+        device_index: which of the backend's devices; a name's ":N" wins.
+        **overrides: config keys to change (Qwen2 takes none; P-tuning v2 asks for some and is refused).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: as `check_checkpoint`, before any weight is read.
+    """
+    config, _, _ = check_checkpoint(path, **overrides)
+    if isinstance(backend, str):
+        name, _, index = backend.partition(":")
+        backend, device_index = get_backend(name), int(index) if index else device_index
+    model = Qwen2ForCausalLM.from_pretrained(
+        Path(path), config=config, dtype=resolve_dtype(dtype, config), device_map={"": backend.device(device_index)},
+        local_files_only=True, use_safetensors=True)
+    model.set_kernels(backend.kernels)
+    return model.eval()

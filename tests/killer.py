@@ -1,0 +1,30 @@
+"""`python tests/killer.py MODE AT tuneport-args...`: runs the tuneport CLI and SIGKILLs itself, for the
+resume tests. MODE step: right after optimizer step AT; MODE checkpoint: in the middle of writing checkpoint
+AT (its files written, not yet renamed)."""
+
+import os
+import signal
+import sys
+
+from tuneport.core import checkpoints, cli, trainer
+
+mode, at = sys.argv[1], int(sys.argv[2])
+if mode == "step":
+    original = trainer.train
+
+    def train(*args, **kwargs):
+        kwargs["on_step"] = lambda record: record["step"] == at and os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    trainer.train = train
+else:
+    original_write = checkpoints.write_state
+
+    def write_state(folder, state):
+        if state["step"] == at:
+            (folder / "trainer_state.json").write_text('{"step": ')
+            os.kill(os.getpid(), signal.SIGKILL)
+        original_write(folder, state)
+
+    checkpoints.write_state = write_state
+sys.exit(cli.main(sys.argv[3:]))
