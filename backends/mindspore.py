@@ -152,9 +152,10 @@ class MindSporeRuntime:
                 mm.add_lora(model, r, alpha, dropout, targets, seed=self.recipe.train.seed)
             self.save_peft = functools.partial(mm.save_lora, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
         elif method.name == "ia3":  # the vectors train in float32, as every trainable parameter here
-            targets = list(method.target_modules or self.family.ia3_targets)
-            feedforward = list(method.feedforward_modules if method.feedforward_modules is not None
-                               else [m for m in self.family.ia3_feedforward if m in targets])
+            try:
+                targets, feedforward = method.modules(self.family)
+            except ValueError as e:
+                raise BackendUnavailable(str(e)) from None
             mm.add_ia3(model, targets, feedforward)
             self.save_peft = functools.partial(mm.save_ia3, target_modules=targets, feedforward_modules=feedforward)
         elif method.name == "ptuning_v2":

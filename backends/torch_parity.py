@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .base import Backend
+from .torch_runtime import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _numpy(value) -> np.ndarray:

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-QUANTIZED_BASE = "tuneport_quantized_base.json"
-ADALORA_STATE = "adalora.pt"  # in a checkpoint: AdaLoRA's step count, importance scores and rank pattern  # in a QLoRA adapter: how its base was quantized
+QUANTIZED_BASE = "tuneport_quantized_base.json"  # in a QLoRA adapter: how its base was quantized
+ADALORA_STATE = "adalora.pt"  # in a checkpoint: AdaLoRA's step count, importance scores and rank pattern
 
 
 def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -125,7 +125,7 @@ class TorchRuntime:
             [{"params": decay, "weight_decay": recipe.train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
         self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
-        self.steps_done = 0  # optimizer steps taken (AdaLoRA's budget schedule counts them)
+        self.steps_done = 0  # optimizer steps taken: AdaLoRA's budget schedule counts them (saved for AdaLoRA only)
         self.engine = None  # DeepSpeed engine, when the recipe asks for one
         self.forward_model = self.model
         if recipe.deepspeed:
@@ -189,6 +189,11 @@ class TorchRuntime:
         if not METHODS[method.name].peft:
             return peft_model
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
+        if method.name == "adalora":
+            # peft adds the orthogonality penalty to every micro-batch's loss, of every process: a share of it
+            # each keeps the recipe's weight per optimizer step (restored before the adapter is saved)
+            shares = self.recipe.train.grad_accum * self.dist.world_size
+            peft_model.peft_config["default"].orth_reg_weight = method.orth_reg_weight / shares
         if getattr(method, "init_from", None):
             from peft import set_peft_model_state_dict
 
@@ -264,7 +269,8 @@ class TorchRuntime:
         else:
             self.optimizer.step()
         self.steps_done += 1
-        if self.method.name == "adalora":  # importance scores from this step's gradients; prune on schedule
+        if self.method.name == "adalora" and math.isfinite(float(norm)):
+            # importance scores from this step's gradients (not from a step fp16's loss scaler skipped); prune on schedule
             self.model.base_model.update_and_allocate(self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -344,14 +350,16 @@ class TorchRuntime:
     def save_adapter(self, folder: Path) -> None:
         """The tuned result in its portable format.
 
-        lora/qlora: a PEFT adapter folder (`peft.PeftModel.from_pretrained(load_model(base), folder)`); a
-            QLoRA one also says how its base was quantized (QUANTIZED_BASE), so `load_tuned_model` and
+        peft methods (lora, qlora, dora, adalora, ia3, prompt_tuning, ptuning, prefix_tuning): a PEFT adapter
+            folder (`peft.PeftModel.from_pretrained(load_model(base), folder)`); a QLoRA one also says how its base was quantized (QUANTIZED_BASE), so `load_tuned_model` and
             `tuneport export` put it on the same (dequantized 4-bit) base weights it was trained on;
         ptuning_v2: `prefix_config.json` + `prefix_encoder.safetensors` under the official names;
         full: a complete checkpoint folder in the official layout.
         """
         folder.mkdir(parents=True, exist_ok=True)
         if METHODS[self.method.name].peft:
+            if self.method.name == "adalora":  # the recipe's weight, not the per-micro-batch share training uses
+                self.model.peft_config["default"].orth_reg_weight = self.method.orth_reg_weight
             self.model.save_pretrained(folder)
             if self.method.name == "qlora":  # loading it again means the same 4-bit base (dequantized)
                 (folder / QUANTIZED_BASE).write_text(json.dumps(
@@ -414,9 +422,10 @@ def peft_config(method, family, model_config=None, max_steps: Optional[int] = No
                                   # without a run (estimate, methods table) any valid schedule gives the same layers
                                   total_step=max_steps or method.tinit + method.tfinal + 1, **common)
     if name == "ia3":
-        targets = list(method.target_modules or family.ia3_targets)
-        feedforward = list(method.feedforward_modules if method.feedforward_modules is not None
-                           else [m for m in family.ia3_feedforward if m in targets])
+        try:
+            targets, feedforward = method.modules(family)
+        except ValueError as e:
+            raise MethodUnavailable(str(e)) from None
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
     if name == "prompt_tuning":
         return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM")

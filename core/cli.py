@@ -98,12 +98,16 @@ def read_recipe(args: argparse.Namespace, demo: bool):
     recipe = dataclasses.replace(load_recipe(resume_dir / "recipe.yaml", (*earlier, *overrides)),
                                  output_dir=str(resume_dir))
     changed = changed_keys(stored, recipe)
-    refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE
+               or (k == "train.max_steps" and recipe.method.name == "adalora")}  # its budget spans max_steps
     if refused:
         raise RunError(f"--resume {resume_dir}: " + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new)
                                                                in refused.items())
                        + " would change what the run learns; a resumed run may change only "
-                       + ", ".join(RESUME_MAY_CHANGE) + ". Start a new run (another output_dir) for the rest")
+                       + ", ".join(RESUME_MAY_CHANGE)
+                       + (" (not train.max_steps with adalora: its rank budget is scheduled over it)"
+                          if "train.max_steps" in refused else "")
+                       + ". Start a new run (another output_dir) for the rest")
     return recipe, resume_dir, demo, changed
 
 
@@ -592,14 +596,11 @@ def run_methods(args: argparse.Namespace) -> int:
     from ..models import family_for, get_family, model_types
     from .estimate import trainable_parameters
     from .methods import METHODS
-    from .trainer import RunError
 
     if args.model:
         folder = Path(args.model)
         family = family_for(folder)
-        if family.load_config is None:
-            raise RunError(f"--model {folder}: counting {family.model_type} models is not supported")
-        columns = [(folder.name, family, family.load_config(folder))]
+        columns = [(folder.name, family, family.check_checkpoint(folder)[0])]  # config and weight headers only
     else:
         columns = [(f.reference[0], f, f.reference[1]()) for f in map(get_family, model_types()) if f.reference]
     print(f"{'method':15s}{'frameworks':18s}" + "".join(f"{'trainable on ' + name:>26s}" for name, _, _ in columns))

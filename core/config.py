@@ -46,7 +46,9 @@ class DataConfig:
     max_output_length: int = 512
     group_by_length: bool = True  # batches of similar lengths (less padding); seeded, exact on resume
     mix: Optional[str] = None  # general-domain training file mixed into the batches, to limit forgetting
-    mix_ratio: float = 0.1  # the share of samples drawn from data.mix (per batch, seeded, exact on resume)
+    # the share of samples drawn from data.mix (per batch, seeded, exact on resume); train.epochs counts all
+    # samples, so with mixing an epoch covers (1 - mix_ratio) of data.train
+    mix_ratio: float = 0.1
 
 
 @dataclass
@@ -231,6 +233,9 @@ def _check_values(r: Recipe) -> list[str]:
     found += r.method.problems()
     if isinstance(r.method, AdaLoraConfig):
         found += r.method.schedule_problems(r.train.max_steps)
+        if r.deepspeed:
+            found.append("method.name: adalora does not run under DeepSpeed (its rank budget needs the gradients "
+                         "after each step); remove deepspeed=, or choose method lora")
     if r.method.name in METHODS and r.framework not in METHODS[r.method.name].frameworks:
         found.append(f"method.name: {r.method.name} does not run with framework {r.framework}; it runs with "
                      f"{', '.join(METHODS[r.method.name].frameworks)}")

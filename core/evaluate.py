@@ -110,6 +110,32 @@ def prompt_ids(tokenizer, context: list[dict], max_input_length: int, start: Seq
     return ids[:max_input_length] + list(start), True
 
 
+def build_prompts(tokenizer, samples: Sequence[DevSample], max_input_length: int, path) -> tuple[list[list[int]], int]:
+    """The prompt ids of each dev sample (`prompt_ids`), and how many were cut to `max_input_length`.
+
+    Raises:
+        DataError: a conversation the tokenizer cannot render, naming `path` and the sample's line.
+    """
+    from .data import DataError
+
+    start = reply_start(tokenizer)
+    prompts, truncated = [], 0
+    for sample in samples:
+        try:
+            ids, cut = prompt_ids(tokenizer, sample.context, max_input_length, start)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{path}: line {sample.line}: cannot build the prompt ({e}); fix the conversation "
+                            "before the reply") from None
+        prompts.append(ids)
+        truncated += cut
+    return prompts, truncated
+
+
+def decode_replies(tokenizer, replies: Sequence[Sequence[int]]) -> list[str]:
+    """Reply ids as the stripped text that is scored."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+
+
 # --- generation ---------------------------------------------------------------------------------------
 def generate_replies(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], pad_id: int,
                      max_new_tokens: int, batch_size: int = 8, progress: bool = False) -> list[list[int]]:
@@ -134,6 +160,8 @@ def generate_replies(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence
     import torch
     from tqdm import tqdm
 
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        batch_size = 1  # peft puts its virtual tokens before the left padding: replies would depend on the batch
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[list[int]] = [[] for _ in prompts]
@@ -251,7 +279,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..models import family_for
     from .cli import package_version
     from .config import resolve_path
-    from .data import DataError, file_sha256
+    from .data import file_sha256
     from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
     from .trainer import RunError
 
@@ -272,32 +300,21 @@ def run_eval(args: argparse.Namespace) -> int:
     family = family_for(model_dir)
     tokenizer = family.load_tokenizer(model_dir)
     family.check_vocabulary(tokenizer, family.check_checkpoint(model_dir)[0], model_dir, model_dir)
-    start = reply_start(tokenizer)
-    prompts, truncated = [], 0
-    for sample in samples:
-        try:
-            ids, cut = prompt_ids(tokenizer, sample.context, args.max_input_length, start)
-        except (ValueError, TypeError, KeyError) as e:
-            raise DataError(f"{data}: line {sample.line}: cannot build the prompt ({e}); fix the conversation "
-                            "before the reply") from None
-        prompts.append(ids)
-        truncated += cut
+    prompts, truncated = build_prompts(tokenizer, samples, args.max_input_length, data)
     if truncated:
         log.warning("%d of %d prompts cut to %d tokens (--max-input-length)", truncated, len(prompts),
                     args.max_input_length)
 
-    import torch
+    from ..backends.torch_runtime import DTYPES as TORCH_DTYPES, load_tuned_model
 
-    from ..backends.torch_runtime import load_tuned_model
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = load_tuned_model(model_dir, adapter, backend, dtype=dtype,
+    backend.setup()
+    model = load_tuned_model(model_dir, adapter, backend, dtype=TORCH_DTYPES[args.dtype],
                              device_index=int(device_name.partition(":")[2] or 0)).eval()
     began = time.time()
     replies = generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
                                args.max_new_tokens, args.batch_size, progress=True)
     seconds = time.time() - began
-    predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+    predictions = decode_replies(tokenizer, replies)
     references = [sample.reference for sample in samples]
     metrics = generation_metrics(predictions, references)
 

@@ -124,13 +124,24 @@ class Ia3Config:
     feedforward_modules: Optional[list[str]] = None  # of those, the ones scaled on their input
 
     def problems(self) -> list[str]:
-        found = []
         if self.target_modules is not None and not self.target_modules:
-            found.append("method.target_modules: empty; name the layers to rescale, e.g. [query_key_value]")
-        extra = set(self.feedforward_modules or ()) - set(self.target_modules or self.feedforward_modules or ())
+            return ["method.target_modules: empty; name the layers to rescale, e.g. [query_key_value]"]
+        return []
+
+    def modules(self, family) -> tuple[list[str], list[str]]:
+        """(target modules, feed-forward modules): the recipe's, or the model family's IA3 defaults.
+
+        Raises:
+            ValueError: feed-forward modules that are not targets (the message names the fix).
+        """
+        targets = list(self.target_modules or family.ia3_targets)
+        feedforward = list(self.feedforward_modules if self.feedforward_modules is not None
+                           else [m for m in family.ia3_feedforward if m in targets])
+        extra = sorted(set(feedforward) - set(targets))
         if extra:
-            found.append(f"method.feedforward_modules: {sorted(extra)} must also be in method.target_modules")
-        return found
+            raise ValueError(f"method.feedforward_modules: {extra} are not in the targets {targets}; add them to "
+                             "method.target_modules or drop them")
+        return targets, feedforward
 
 
 @dataclass

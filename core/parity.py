@@ -95,6 +95,11 @@ SEEDED_BATCH = (2, 16)  # rows, tokens: row 1 right-padded by 4 as training batc
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
+def embedding_rows(config: dict) -> int:
+    """The model's embedding rows from its config.json (ChatGLM3: padded_vocab_size; others: vocab_size)."""
+    return int(config.get("padded_vocab_size") or config.get("vocab_size") or 0)
+
+
 class ParityError(ValueError):
     """Bad input to `tuneport parity`; the message names the option, the problem and the fix. `run_parity`
     prints it as the CLI's one `error:` line with exit status 2 (this module stays importable without the
@@ -323,7 +328,7 @@ def seeded_batch(model_dir: Path) -> dict:
     from ..models import read_json
 
     config = read_json(model_dir / "config.json")
-    vocab = int(config.get("vocab_size") or config.get("padded_vocab_size") or 0)
+    vocab = embedding_rows(config)
     if vocab < 2:
         raise ParityError(f"--model {model_dir}: config.json gives no vocabulary size; pass --batch FILE")
     rows, tokens = SEEDED_BATCH
@@ -362,7 +367,7 @@ def read_batch(file: Path, model_dir: Path) -> dict:
     batch = {"input_ids": ids, "labels": arrays["labels"].astype(np.int64),
              "attention_mask": arrays.get("attention_mask", np.ones_like(ids)).astype(np.int64)}
     config = read_json(model_dir / "config.json")
-    vocab = int(config.get("padded_vocab_size") or config.get("vocab_size") or 0)
+    vocab = embedding_rows(config)
     if ids.ndim != 2 or any(v.shape != ids.shape for v in batch.values()):
         problems.append("input_ids, labels and attention_mask must share one [batch, seq] shape, got "
                         + ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items()))
@@ -629,6 +634,9 @@ def write_outputs(out: Path, report: dict) -> list[Path]:
     """Write parity.json (first: it records what tuneport owns here) and parity.png; return what was written."""
     from .rundir import atomic_write_text
 
+    problems = output_problems(out)  # again: the run took a while, and the folder is the user's
+    if problems:
+        raise ParityError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     image = plot(report)
     report["files"] = [REPORT] + ([PLOT] if image is not None else [])
@@ -733,6 +741,11 @@ def _run(args: argparse.Namespace) -> int:
             adapter_id = adapter_identity(adapter, lora)
         except (CheckpointError, ParityError) as e:
             problems.append(str(e))
+    if lora is not None and family.mindspore is None:
+        for flag, side in (("a", side_a), ("b", side_b)):
+            if side is not None and side.framework == "mindspore":
+                problems.append(f"--framework-{flag} mindspore: {family.model_type} has no MindSpore model; compare "
+                                f"it with --framework-{flag} torch")
     if adapter_id is not None:
         for flag, side in (("a", side_a), ("b", side_b)):
             if side is not None and side.framework == "mindspore" and adapter_id["kind"] not in MINDSPORE_ADAPTERS:

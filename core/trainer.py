@@ -333,9 +333,10 @@ def load_data(recipe: Recipe, tokenizer) -> Datasets:
 
     data = Datasets(encode(recipe.data.train), encode(recipe.data.eval), encode(recipe.eval.general, "auto"),
                     encode(recipe.data.mix, "auto"))
-    for key, path, found in (("data.train", recipe.data.train, data.train), ("data.mix", recipe.data.mix, data.mix)):
+    for key, path, found in (("data.train", recipe.data.train, data.train), ("data.mix", recipe.data.mix, data.mix),
+                             ("eval.general", recipe.eval.general, data.general)):
         if found is not None and not found.samples:
-            raise RunError(f"{key}: {path}: no sample has an assistant reply to learn from")
+            raise RunError(f"{key}: {path}: no sample has an assistant reply to learn from or score")
     if recipe.eval.generate:
         from .evaluate import read_dev_set
         from .metrics import MissingDependency, check_libraries
@@ -371,15 +372,13 @@ def evaluations(runtime, data: Datasets, recipe: Recipe, tokenizer) -> dict:
 def generation_scores(runtime, samples: list, recipe: Recipe, tokenizer) -> dict:
     """ROUGE-1/2/L and BLEU-4 (as `tuneport eval`) of greedy replies to `samples`' prompts, at most
     data.max_output_length tokens each."""
-    from .evaluate import prompt_ids, reply_start
+    from .evaluate import build_prompts, decode_replies
     from .metrics import METRICS, generation_metrics
 
-    start = reply_start(tokenizer)
-    prompts = [prompt_ids(tokenizer, s.context, recipe.data.max_input_length, start)[0] for s in samples]
+    prompts, _ = build_prompts(tokenizer, samples, recipe.data.max_input_length, recipe.data.eval)
     replies = runtime.generate_batch(prompts, recipe.data.max_output_length, tokenizer.stop_token_ids,
                                      tokenizer.pad_token_id)
-    predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
-    scores = generation_metrics(predictions, [s.reference for s in samples])
+    scores = generation_metrics(decode_replies(tokenizer, replies), [s.reference for s in samples])
     return {name: scores[name] for name in METRICS}
 
 

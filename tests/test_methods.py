@@ -152,7 +152,7 @@ def test_methods_table_counts_what_peft_counts(capsys):
     assert rows["ptuning_v2"].split()[-1] == "-"  # ChatGLM's own prefix encoder: no Qwen2 count
 
 
-def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys):
+def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys, tmp_path):
     assert main(["methods", "--model", str(golden / "checkpoint")]) == 0
     assert "trainable on checkpoint" in capsys.readouterr().out
     # AdaLoRA's budget needs the run's length: epochs alone, or a tinit past the end, are refused up front.
@@ -161,6 +161,34 @@ def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys):
     assert main(["train", DEMO, "method.name=adalora", "train.max_steps=100"]) == 2
     err = capsys.readouterr().err
     assert "method.tinit: 200 leaves no budgeting phase" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", DEMO, "method.name=adalora", "method.tinit=0", "deepspeed=builtin:deepspeed/zero2.json"]) == 2
+    assert "adalora does not run under DeepSpeed" in capsys.readouterr().err
+    assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "method.name=ia3",
+                 "method.target_modules=[query_key_value]", "method.feedforward_modules=[dense_h_to_4h]", "train.max_steps=1", f"output_dir={tmp_path / 'ia3'}"]) == 2
+    err = capsys.readouterr().err
+    assert "method.feedforward_modules: ['dense_h_to_4h'] are not in the targets" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_adalora_accumulation_makes_the_same_update(tmp_path, golden):
+    """4 micro-batches of 1 make the same step as 1 of 4: the task loss is token-normalised over the step,
+    and peft's orthogonality penalty, added to every micro-batch's loss, counts once per step."""
+    common = [f"model={golden / 'checkpoint'}", "tokenizer=null", "method.name=adalora", "method.init_r=6",
+              "method.target_r=2", "method.tinit=0", "method.tfinal=1", "method.delta_t=1", "method.dropout=0",
+              "train.max_steps=3", "train.lr=1e-3", "save.every=0"]
+    assert main(["train", DEMO, *common, f"output_dir={tmp_path / 'a'}", "train.micro_batch_size=1",
+                 "train.grad_accum=4"]) == 0
+    assert main(["train", DEMO, *common, f"output_dir={tmp_path / 'b'}", "train.micro_batch_size=4",
+                 "train.grad_accum=1"]) == 0
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("a", "b")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the penalty once per step, not once per micro-batch
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert config["orth_reg_weight"] == 0.5  # the recipe's weight, not the per-micro-batch share
 
 
 def test_prefix_tuning_attends_to_its_prefix_under_checkpointing(golden):
@@ -202,3 +230,7 @@ def test_prompt_methods_generate_as_the_uncached_model_does(golden, method):
             ids.append(int(runtime.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     assert generated == ids[len(prompt):]
     assert len(set(generated)) > 1  # not one token repeated (what a prefix injected at every step gave)
+    # Batched (as eval.generate runs it) equals one by one: peft's virtual tokens sit before any left padding,
+    # so prompt methods generate one prompt at a time.
+    prompts = [prompt, prompt[:2], [64790, 64792, 30910]]
+    assert runtime.generate_batch(prompts, 6, [-1], 0) == [runtime.generate(p, 6, [-1], 0) for p in prompts]
