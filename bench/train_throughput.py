@@ -79,6 +79,12 @@ def peak_memory(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def tuneport_checkpointing(args):
+    """tuneport's setting: `--tuneport-checkpointing` (auto: its memory policy), else the shared one."""
+    choice = args.tuneport_checkpointing
+    return args.checkpointing if choice is None else {"on": True, "off": False, "auto": "auto"}[choice]
+
+
 def run_tuneport(folder: Path, args) -> dict:
     from tuneport.backends import get_backend
     from tuneport.backends.torch_runtime import TorchRuntime
@@ -89,7 +95,8 @@ def run_tuneport(folder: Path, args) -> dict:
     recipe = load_recipe({"model": str(folder), "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                                                          "target_modules": ["query_key_value"]},
                           "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": LR,
-                                    "gradient_checkpointing": args.checkpointing, "seed": 0, "grad_clip": 1.0},
+                                    "gradient_checkpointing": tuneport_checkpointing(args), "seed": 0,
+                                    "grad_clip": 1.0},
                           "data": {"train": str(DATA / "train.json"), "format": "advertisegen"},
                           "precision": args.precision, "device": args.device})
     backend = get_backend(args.device)
@@ -203,6 +210,8 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tuneport-checkpointing", choices=("on", "off", "auto"),
+                   help="tuneport's own setting (auto: its memory policy) against the HF path's --checkpointing")
     p.add_argument("--worker", choices=("tuneport", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -234,7 +243,8 @@ def main() -> None:
     memory = statistics.median(r["peak_mib"] for r in results["tuneport"]) / \
         statistics.median(r["peak_mib"] for r in results["hf"])
     print(f"size {args.size}, {args.device}, {args.precision}, batch {args.batch}, checkpointing "
-          f"{args.checkpointing}, {args.steps} steps x {args.rounds} rounds; largest per-step loss difference {worst:.2e}")
+          f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), {args.steps} steps x {args.rounds} rounds; "
+          f"largest per-step loss difference {worst:.2e}")
     print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "
           f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e}")
 
