@@ -221,16 +221,12 @@ def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], 
     if not rundir.is_run_folder(output_dir):
         rundir.write_marker(output_dir)  # a run folder of an earlier tuneport
     checkpoints.remove_unfinished(output_dir / "checkpoints")
-    run_json = output_dir / "run.json"
-    try:
-        history = json.loads(run_json.read_text())
-    except (OSError, ValueError):
-        history = record()
+    history = trainer.read_run_json(output_dir) or record()
     history.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
                                               "changed": {k: list(v) for k, v in changed.items()}})
     if changed:
         trainer.write_recipe(recipe, output_dir)
-    rundir.atomic_write_text(run_json, json.dumps(history, indent=2, default=str))
+    rundir.atomic_write_text(output_dir / "run.json", json.dumps(history, indent=2, default=str))
 
 
 @dataclass

@@ -190,11 +190,10 @@ def generate_replies(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence
 # --- the output folder --------------------------------------------------------------------------------
 def is_eval_folder(folder: Path) -> bool:
     """Whether `folder` holds an `eval.json` that `tuneport eval` wrote."""
-    try:
-        record = json.loads((folder / EVAL_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("tool") == "tuneport" and "metrics" in record
+    from .rundir import read_json_object
+
+    record = read_json_object(folder / EVAL_RECORD)
+    return record.get("tool") == "tuneport" and "metrics" in record
 
 
 def check_out(out: Path) -> None:

@@ -554,12 +554,10 @@ def _short(adapter: dict) -> str:
 # --- outputs -------------------------------------------------------------------------------------------
 def _ours(out: Path) -> Optional[dict]:
     """The parity.json tuneport wrote in `out`, or None."""
-    try:
-        report = json.loads((out / REPORT).read_text())
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) and report.get("tool") == "tuneport" and \
-        report.get("report") == "parity" else None
+    from .rundir import read_json_object
+
+    report = read_json_object(out / REPORT)
+    return report if report.get("tool") == "tuneport" and report.get("report") == "parity" else None
 
 
 def output_problems(out: Path) -> list[str]:

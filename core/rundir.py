@@ -59,6 +59,16 @@ def read_marker(folder: Path) -> Optional[dict]:
         return {"owned": list(OWNED)}  # damaged, but tuneport wrote it: the entries are ours
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object file tuneport wrote (run.json, eval.json, parity.json); {} when it is missing, unreadable
+    or not an object."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def is_run_folder(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 

@@ -30,7 +30,7 @@ from . import checkpoints
 from ..models import builder_family, builder_names
 from .config import Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
-from .rundir import atomic_write_text
+from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,10 @@ def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Pos
     lengths = [len(ids) for ids, _ in data.samples] if group > 1 else None
     total = size * world_size
     while True:
-        rng = np.random.default_rng([seed, MIX_STREAM, pos.batches])
-        general = int(rng.binomial(total, mix_ratio)) if mix is not None and mix_ratio else 0
+        general = 0
+        if mix is not None and mix_ratio:
+            rng = np.random.default_rng([seed, MIX_STREAM, pos.batches])
+            general = int(rng.binomial(total, mix_ratio))
         chosen = [data.samples[i] for i in _take(total - general, n, lambda e: epoch_order(n, seed, e, lengths, group),
                                                  pos)]
         if general:
@@ -620,10 +622,7 @@ def train(
 
 
 def read_run_json(output_dir: Path) -> dict:
-    try:
-        return json.loads((output_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json_object(output_dir / "run.json")
 
 
 def update_run_json(output_dir: Path, **entries) -> None:

@@ -9,6 +9,7 @@ MindSpore model. This module imports no framework; a family is imported only whe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +30,39 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def layout_weight_files(folder: Path, layouts: tuple[tuple[str, str], ...], hint: str = "") -> list[Path]:
+    """The weight files of a checkpoint `folder` in the first of `layouts` ((index file, single file) pairs,
+    preferred first) it has: the index's shards when it is sharded, else the single file.
+
+    Raises:
+        CheckpointError: no weights (`hint` says more), an index without a weight map, shards that are
+            missing, or an index entry that points outside the folder (checked before any shard is opened).
+    """
+    for index_name, single_name in layouts:
+        index = folder / index_name
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
+            names = list(dict.fromkeys(weight_map.values()))
+            # Judged by the name alone: a shard that is a symlink (as in the Hugging Face cache) is the
+            # user's choice, but the index must not lead us out of the folder.
+            outside = [name for name in names if not isinstance(name, str) or os.path.isabs(name)
+                       or os.path.normpath(name).split(os.sep)[0] in ("..", "")]
+            if outside:
+                raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
+                                      f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in "
+                                      f"{folder}")
+            missing = [name for name in names if not (folder / name).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
+            return [folder / name for name in names]
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+    expected = ", ".join(name for pair in layouts for name in pair)
+    raise CheckpointError(f"{folder}: no weights found; expected one of {expected}{hint}")
 
 
 def check_vocabulary_size(tokens: int, rows: int, field: str, tokenizer_file: str, tokenizer_path, model_path) -> None:

@@ -5,13 +5,12 @@ use them."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-from .. import CheckpointError, check_vocabulary_size, read_json
+from .. import CheckpointError, check_vocabulary_size, layout_weight_files, read_json
 from .config import ChatGLM3Config
 from .tokenizer import ChatGLM3Tokenizer
 
@@ -58,35 +57,12 @@ def load_config(path: Union[str, Path], **overrides) -> ChatGLM3Config:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of `folder`, via the index when the checkpoint is sharded.
+    """The weight files of a ChatGLM3 `folder` (safetensors preferred to pickle), via the index when sharded.
 
     Raises:
-        CheckpointError: no weights, an index without a weight map, shards that are missing, or an
-            index entry that points outside the folder (checked before any shard is opened).
+        CheckpointError: see `layout_weight_files`.
     """
-    for index_name, single_name in WEIGHT_LAYOUTS:
-        index = folder / index_name
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
-            # Judged by the name alone: a shard that is a symlink (as in the Hugging Face cache) is the
-            # user's choice, but the index must not lead us out of the folder.
-            outside = [name for name in dict.fromkeys(weight_map.values()) if not isinstance(name, str)
-                       or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ("..", "")]
-            if outside:
-                raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
-                                      f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in "
-                                      f"{folder}")
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
-            return files
-        if (folder / single_name).exists():
-            return [folder / single_name]
-    expected = ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair)
-    raise CheckpointError(f"{folder}: no weights found; expected one of {expected}")
+    return layout_weight_files(folder, WEIGHT_LAYOUTS)
 
 
 def match_weights(folder: Path, expected: dict[str, tuple], found: dict[str, tuple[tuple, str]],

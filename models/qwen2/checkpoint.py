@@ -8,7 +8,6 @@ then transformers loads the weights memory-mapped, straight onto the device in t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Union
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import Qwen2Config
 
 from ...backends import Backend, get_backend
-from .. import CheckpointError, read_json
+from .. import CheckpointError, layout_weight_files, read_json
 from .model import Qwen2ForCausalLM
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -96,29 +95,9 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of `folder`, via the index when the checkpoint is sharded.
 
     Raises:
-        CheckpointError: no weights, an index without a weight map, missing shards, or an index entry
-            that points outside the folder (checked before any shard is opened).
+        CheckpointError: see `layout_weight_files`; pickle (.bin) weights are named with the fix.
     """
-    index = folder / INDEX
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: has no 'weight_map' of parameter names to shard files")
-        names = list(dict.fromkeys(weight_map.values()))
-        outside = [n for n in names if not isinstance(n, str) or os.path.isabs(n)
-                   or os.path.normpath(n).split(os.sep)[0] in ("..", "")]
-        if outside:
-            raise CheckpointError(f"{index}: weight_map names shard files outside the checkpoint folder "
-                                  f"({', '.join(map(str, outside[:3]))}); each entry must be a file name in {folder}")
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: lists shard files that are not in the folder: {', '.join(missing)}")
-        return [folder / n for n in names]
-    if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
-    found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "none"
-    raise CheckpointError(f"{folder}: no weights found; expected {SINGLE} or {INDEX} with its shards (.bin files: "
-                          f"{found}; convert them to safetensors)")
+    return layout_weight_files(folder, ((INDEX, SINGLE),), " (pickle .bin weights: convert them to safetensors)")
 
 
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
