@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -457,15 +458,39 @@ def apply_method(model: nn.Module, method, family, quantize: Optional[Callable[[
         return model
     if quantize is not None:
         quantize(model)
-    from peft import get_peft_model
+    with nullcontext() if quantize is not None else bitsandbytes_hidden():
+        from peft import get_peft_model
 
-    config = peft_config(method, family, model.config, max_steps)
+        config = peft_config(method, family, model.config, max_steps)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:  # peft: no module matches target_modules
+            targets = getattr(method, "target_modules", None) or sorted(getattr(config, "target_modules", None) or [])
+            raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {family.model_type}'s linear "
+                                    f"layers are {', '.join(family.linear_layers)}") from None
+
+
+@contextmanager
+def bitsandbytes_hidden():
+    """peft with bitsandbytes out of sight, for a run that quantizes nothing.
+
+    peft imports bitsandbytes whenever it is installed (at its own import, and again when it wraps
+    layers), and bitsandbytes brings torch's compiler with it: about 45 MiB of memory and a second of
+    start-up that only QLoRA uses. Inside this block `import bitsandbytes` fails as if it were absent;
+    afterwards peft's cached answer is cleared, so a later QLoRA run in the same process still finds it.
+    """
+    if "bitsandbytes" in sys.modules:  # already imported (or already hidden): nothing to save
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # what the import system reads as "not installed"
     try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # peft: no module matches target_modules
-        targets = getattr(method, "target_modules", None) or sorted(getattr(config, "target_modules", None) or [])
-        raise MethodUnavailable(f"method.target_modules: {targets} ({e}); {family.model_type}'s linear "
-                                f"layers are {', '.join(family.linear_layers)}") from None
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft import import_utils
+
+        import_utils.is_bnb_available.cache_clear()
+        import_utils.is_bnb_4bit_available.cache_clear()
 
 
 def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=None, device_index: int = 0) -> nn.Module:

@@ -234,3 +234,42 @@ def test_prompt_methods_generate_as_the_uncached_model_does(golden, method):
     # so prompt methods generate one prompt at a time.
     prompts = [prompt, prompt[:2], [64790, 64792, 30910]]
     assert runtime.generate_batch(prompts, 6, [-1], 0) == [runtime.generate(p, 6, [-1], 0) for p in prompts]
+
+
+
+QLORA_AFTER_LORA = """
+import sys, torch
+from pathlib import Path
+from tuneport.backends.torch_runtime import apply_method, quantize_linear_4bit
+from tuneport.core.methods import LoraConfig, QLoraConfig
+from tuneport.models import family_for
+from tuneport.models.chatglm3 import load_model
+folder = Path(sys.argv[1])
+apply_method(load_model(folder), LoraConfig(r=2), family_for(folder))
+import peft.import_utils
+print("after lora:", "bitsandbytes" in sys.modules, "peft sees it:", peft.import_utils.is_bnb_4bit_available())
+quantize = lambda m: quantize_linear_4bit(m, "nf4", True, torch.float32, torch.device("cpu"))
+qlora = apply_method(load_model(folder), QLoraConfig(r=2), family_for(folder), quantize)
+print("qlora:", sorted({f"{name}:{type(m).__module__}.{type(m).__name__}" for name, m in qlora.named_modules()}))
+"""
+
+
+def test_lora_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(golden):
+    """peft imports bitsandbytes whenever it is installed; a run that quantizes nothing hides it (about 45 MiB
+    and a second of start-up); afterwards peft finds it again, and a QLoRA model built in the same process is
+    layer for layer the one built where bitsandbytes was never hidden (this process, which imported peft with it)."""
+    pytest.importorskip("bitsandbytes", reason="shows only where bitsandbytes is installed (tuneport[qlora])")
+    from tuneport.backends.torch_runtime import apply_method, quantize_linear_4bit
+    from tuneport.core.methods import QLoraConfig
+    from tuneport.models import family_for
+
+    result = subprocess.run([sys.executable, "-c", QLORA_AFTER_LORA, str(golden / "checkpoint")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after lora: False peft sees it: True" in result.stdout
+    quantize = lambda m: quantize_linear_4bit(m, "nf4", True, torch.float32, torch.device("cpu"))  # noqa: E731
+    qlora = apply_method(load_model(golden / "checkpoint"), QLoraConfig(r=2), family_for(golden / "checkpoint"),
+                         quantize)
+    here = sorted({f"{name}:{type(m).__module__}.{type(m).__name__}" for name, m in qlora.named_modules()})
+    assert any("bitsandbytes" in row for row in here)
+    assert f"qlora: {here}" in result.stdout
