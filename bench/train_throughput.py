@@ -1,8 +1,11 @@
 """Training throughput and memory: tuneport's loop against transformers.Trainer + peft. Not a test.
 
-Both train the same ChatGLM3-architecture model (identical initial weights, saved once), on the same
-AdvertiseGen batches in the same order, with the same LoRA settings (r 8 on query_key_value), AdamW,
-learning rate and precision:
+Both train the same ChatGLM3-architecture model (identical initial weights, saved once) on AdvertiseGen
+with the same LoRA settings (r 8 on query_key_value), AdamW, learning rate, precision and number of
+samples. The HF path takes the batches in file order, padded to their longest row; tuneport takes them
+as `tuneport train` does, shuffled and grouped by length (less padding), so the two learn from different
+batches and their eval losses compare; with `--same-batches` tuneport takes the HF path's batches, and
+the per-step losses compare too. Both are evaluated on the same AdvertiseGen dev batches.
   (a) tuneport: `TorchRuntime.forward_backward` + `optimizer_step`, as `tuneport train` runs them;
   (b) hf: `transformers.Trainer` over a `peft` model calling the model's standard forward with labels
       (full logits), the path every transformers user gets and the official fine-tuning demo runs.
@@ -57,15 +60,19 @@ def build_model(size: str, folder: Path, dtype: str) -> None:
     (folder / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
 
 
-def batches(folder: Path, batch: int, count: int, offset: int = 0):
-    """`count` right-padded batches of AdvertiseGen (the official demo's data), in file order."""
+def batches(folder: Path, batch: int, count: int, split: str = "train", grouped: bool = False):
+    """`count` right-padded batches of AdvertiseGen (the official demo's data): in file order, or (`grouped`)
+    as `tuneport train` takes them, shuffled with seed 0 and grouped by length."""
     from tuneport.core.data import collate, encode_dataset
+    from tuneport.core.trainer import Position, micro_batches
     from tuneport.models.chatglm3.files import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
-    data = encode_dataset(DATA / "train.json", tokenizer, "advertisegen", 128, 128)
-    samples = data.samples[offset * batch:]
-    return [collate(samples[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(count)], tokenizer
+    data = encode_dataset(DATA / f"{split}.json", tokenizer, "advertisegen", 128, 128)
+    if grouped:
+        stream = micro_batches(data, batch, 0, tokenizer.pad_token_id, Position(), group=batch)
+        return [next(stream) for _ in range(count)]
+    return [collate(data.samples[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(count)]
 
 
 def peak_memory(device: str) -> float:
@@ -102,7 +109,7 @@ def run_tuneport(folder: Path, args) -> dict:
     backend = get_backend(args.device)
     precision = resolve_precision(args.precision, args.device, backend.capabilities)
     runtime = TorchRuntime(recipe, backend, precision, folder)
-    train, _ = batches(folder, args.batch, args.steps)
+    train = batches(folder, args.batch, args.steps, grouped=not args.same_batches)
     times, losses = [], []
     for batch in train:
         start = time.perf_counter()
@@ -110,9 +117,8 @@ def run_tuneport(folder: Path, args) -> dict:
         runtime.optimizer_step(LR, 1.0)
         backend.synchronize()
         times.append(time.perf_counter() - start)
-    evals, _ = batches(folder, args.batch, args.eval_batches, offset=args.steps)
     total, count = 0.0, 0
-    for batch in evals:
+    for batch in batches(folder, args.batch, args.eval_batches, "dev"):
         loss, n = runtime.eval_loss(batch)
         total, count = total + loss, count + n
     return {"times": times, "losses": losses, "tokens": [int(b["attention_mask"].sum()) for b in train],
@@ -134,7 +140,7 @@ def run_hf(folder: Path, args) -> dict:
         model.gradient_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["query_key_value"], task_type="CAUSAL_LM"))
-    train, _ = batches(folder, args.batch, args.steps)
+    train = batches(folder, args.batch, args.steps)
     rows = [{k: torch.from_numpy(v[i]) for k, v in b.items()} for b in train for i in range(args.batch)]
 
     class Rows(Dataset):
@@ -175,11 +181,10 @@ def run_hf(folder: Path, args) -> dict:
             remove_unused_columns=False, disable_tqdm=True)
         InOrder(model=model, args=training, train_dataset=Rows(), data_collator=collate,
                 callbacks=[clock]).train()
-    evals, _ = batches(folder, args.batch, args.eval_batches, offset=args.steps)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in evals:
+        for batch in batches(folder, args.batch, args.eval_batches, "dev"):
             inputs = {k: torch.from_numpy(v).to(model.device) for k, v in batch.items()}
             total += float(model(**inputs, num_items_in_batch=1, use_cache=False).loss)
             count += int((inputs["labels"][:, 1:] != -100).sum())
@@ -212,6 +217,9 @@ def main() -> None:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tuneport-checkpointing", choices=("on", "off", "auto"),
                    help="tuneport's own setting (auto: its memory policy) against the HF path's --checkpointing")
+    p.add_argument("--same-batches", action="store_true",
+                   help="tuneport trains on the HF path's batches (file order, no length grouping), so per-step "
+                        "losses compare; by default it takes them as `tuneport train` does (shuffled, grouped by length)")
     p.add_argument("--worker", choices=("tuneport", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -238,15 +246,17 @@ def main() -> None:
     ours, theirs = results["tuneport"][-1], results["hf"][-1]
     steps = min(len(ours["losses"]), len(theirs["losses"]))
     worst = max(abs(a - b) for a, b in zip(ours["losses"][:steps], theirs["losses"][:steps]))
+    same = (f"largest per-step loss difference {worst:.2e}" if args.same_batches else
+            "tuneport's batches grouped by length (per-step losses differ; eval loss compares)")
     rate = statistics.median(summary(r, args.warmup)[0] for r in results["tuneport"]) / \
         statistics.median(summary(r, args.warmup)[0] for r in results["hf"])
     memory = statistics.median(r["peak_mib"] for r in results["tuneport"]) / \
         statistics.median(r["peak_mib"] for r in results["hf"])
     print(f"size {args.size}, {args.device}, {args.precision}, batch {args.batch}, checkpointing "
-          f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), {args.steps} steps x {args.rounds} rounds; "
-          f"largest per-step loss difference {worst:.2e}")
+          f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), {args.steps} steps x {args.rounds} rounds; {same}")
     print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "
-          f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e}")
+          f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e} "
+          f"({(ours['eval_loss'] / theirs['eval_loss'] - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":
