@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .base import BackendUnavailable, Capabilities, Kernels, MemoryStats
 from .cpu import sdpa_attention
-from .reference import REFERENCE_KERNELS
+from .reference import REFERENCE_KERNELS, lean_swiglu
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 CUDA_KERNELS = Kernels(rms_norm=fused_rms_norm, rotary=REFERENCE_KERNELS.rotary, attention=sdpa_attention,
-                       swiglu=REFERENCE_KERNELS.swiglu)
+                       swiglu=lean_swiglu)
 
 
 def unavailable_reason() -> Optional[str]:

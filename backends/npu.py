@@ -316,7 +316,7 @@ class NPUKernels:
         Atlas A2/A3 only).
         """
         if not (self.swiglu_fused and 1 <= x.dim() <= 8 and x.shape[-1] % 2 == 0 and x.dtype in _FUSED_DTYPES):
-            return reference.swiglu(x)
+            return reference.lean_swiglu(x)
         return self._ops.npu_swiglu(x.contiguous(), dim=-1)
 
 

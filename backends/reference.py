@@ -73,5 +73,31 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def lean_swiglu(x: torch.Tensor) -> torch.Tensor:
+    """`swiglu` that keeps only its input for backward, with the same values and, bit for bit, the same
+    gradients. Autograd through `swiglu` also keeps silu(gate), half the input's size: after the input, in a
+    ChatGLM3 layer the largest activation there is. It is recomputed in backward instead,
+    one elementwise pass beside the layer's matmuls, and the gradient's halves are written in place."""
+    return _LeanSwiglu.apply(x)
+
+
+class _LeanSwiglu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return swiglu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        grad_x = torch.empty_like(x)  # its halves are written in place: no separate gate and up gradients
+        grad_gate, grad_up = grad_x.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.mul(grad, up, out=grad_gate)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad_gate, gate))  # the kernel autograd runs for F.silu
+        return grad_x
+
+
 REFERENCE_KERNELS = Kernels(rms_norm=rms_norm, rotary=rotary, attention=attention, swiglu=swiglu,
                             rotary_half=rotary_half)

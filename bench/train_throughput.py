@@ -107,6 +107,7 @@ def run_tuneport(folder: Path, args) -> dict:
                           "data": {"train": str(DATA / "train.json"), "format": "advertisegen"},
                           "precision": args.precision, "device": args.device})
     backend = get_backend(args.device)
+    backend.setup()  # as `tuneport train` does
     precision = resolve_precision(args.precision, args.device, backend.capabilities)
     runtime = TorchRuntime(recipe, backend, precision, folder)
     train = batches(folder, args.batch, args.steps, grouped=not args.same_batches)

@@ -27,7 +27,6 @@ from .config import resolve_path
 
 log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
-LOSS_CHUNK = 256  # rows of logits the label-only loss forms at once (models/loss.py)
 
 
 @dataclass
@@ -69,10 +68,12 @@ def _meta_model(family, config, method, compute, checkpointing: bool):
     """The model as training builds it (dtypes, frozen parts, adapter), on the meta device."""
     import torch
 
+    from ..backends.reference import REFERENCE_KERNELS, lean_swiglu
     from ..backends.torch_runtime import apply_method
 
     with torch.device("meta"):
         model = family.model_class(config).to(torch.float32 if method.name == "full" else compute)
+        model.set_kernels(dataclasses.replace(REFERENCE_KERNELS, swiglu=lean_swiglu))  # as every torch backend's
         tuned = apply_method(model, method, family)
         if checkpointing:
             model.gradient_checkpointing_enable()
@@ -140,6 +141,8 @@ class Plan:
 
     def at(self, batch: int) -> Estimate:
         """The estimate for a micro-batch of `batch` samples."""
+        from ..models.loss import LOSS_CHUNK  # rows of logits the label-only loss forms at once
+
         data = self.recipe.data
         seq = data.max_input_length + data.max_output_length + 1
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)

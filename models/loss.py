@@ -17,7 +17,7 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
-LOSS_CHUNK = 256  # label positions per chunk: float32 logits of 256 x 65,024 are 64 MiB
+LOSS_CHUNK = 128  # label positions per chunk: float32 logits of 128 x 65,024 are 32 MiB
 
 
 def label_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
@@ -52,25 +52,27 @@ class _LabelLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         # Under autocast the matmuls run in the autocast dtype, as the full path's output layer does.
         # One chunk's float32 logits are the only large tensor: the log-sum-exp, the softmax and its
-        # gradient are formed in place in them.
+        # gradient are formed in place in them. They are held vocabulary-major ([vocab, rows]): for a few
+        # hundred rows, weight @ rows.T runs about a fifth faster than rows @ weight.T on CPU BLAS.
         for start in range(0, rows.shape[0], LOSS_CHUNK):
             chunk, target = rows[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
-            product = torch.matmul(chunk, weight.t())
+            product = torch.matmul(weight, chunk.t())
             dtype = product.dtype
             logits = product.float()
             del product
-            picked = logits.gather(1, target[:, None])
-            peak = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - max)
+            columns = torch.arange(len(target), device=logits.device)
+            picked = logits[target, columns]
+            peak = logits.amax(dim=0)
+            sums = logits.sub_(peak).exp_().sum(dim=0)  # logits now hold exp(logit - max)
             total += (peak + sums.log() - picked).sum()
             if grad_rows is not None or grad_weight is not None:
                 grad = logits.div_(sums)  # the softmax
-                grad[torch.arange(len(target), device=grad.device), target] -= 1.0
+                grad[target, columns] -= 1.0
                 grad = grad.mul_(scale).to(dtype)
                 if grad_rows is not None:
-                    grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad, weight.to(dtype))
+                    grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad.t(), weight.to(dtype))
                 if grad_weight is not None:
-                    grad_weight += torch.matmul(grad.t(), chunk.to(dtype)).float()
+                    grad_weight += torch.matmul(grad, chunk.to(dtype)).float()
                 del grad
             del logits
         ctx.save_for_backward(grad_rows, grad_weight)

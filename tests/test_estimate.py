@@ -37,6 +37,7 @@ with open("/proc/self/clear_refs", "w") as f:  # the peak starts here, not at an
     f.write("5")
 predicted = estimate(recipe, "cpu")  # its runtime part: the resident memory now, imports done
 backend = get_backend("cpu")
+backend.setup()  # as `tuneport train` does
 runtime = TorchRuntime(recipe, backend, resolve_precision(recipe.precision, "cpu", backend.capabilities),
                        Path(recipe.model))
 d, b = recipe.data, recipe.train.micro_batch_size

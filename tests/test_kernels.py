@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tuneport.backends import available_backends, get_backend
 from tuneport.backends.reference import REFERENCE_KERNELS as ref
+from tuneport.backends.reference import lean_swiglu, swiglu
 
 
 def loop_attention(q, k, v, allowed):
@@ -96,6 +97,27 @@ def test_swiglu():
     torch.testing.assert_close(ref.swiglu(x), gate * torch.sigmoid(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lean_swiglu_keeps_only_its_input_and_gives_the_same_gradients(dtype):
+    """Values and gradients bit for bit those of autograd through the reference, which also keeps
+    silu(gate) (half the input's size) for backward."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 16, generator=g).to(dtype)
+    grad = torch.randn(3, 5, 8, generator=g).to(dtype)
+    results = {}
+    for fn in (swiglu, lean_swiglu):
+        leaf = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(leaf * 1)  # through one op, as the projection's output reaches it
+        out.backward(grad)
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        results[fn.__name__] = out, leaf.grad, sum(kept.values())
+    (out, dx, kept), (lean_out, lean_dx, lean_kept) = results["swiglu"], results["lean_swiglu"]
+    assert torch.equal(lean_out, out) and torch.equal(lean_dx, dx)
+    assert lean_kept == x.numel() * x.element_size() and kept == lean_kept * 3 // 2
+
+
 def kernel_tables():
     """Every backend kernel table that runs on CPU tensors (the NPU's is tested against a fake in test_npu)."""
     from tuneport.backends.cpu import CPUBackend
@@ -156,6 +178,43 @@ def test_kernels_on_the_device_match_the_cpu_reference(device, kernel, dtype, to
         expected = getattr(ref, kernel)(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
                                           else a for a in rounded], **kwargs)
         torch.testing.assert_close(got.float().cpu(), expected, atol=tol, rtol=tol)
+
+
+MAPPED_AFTER_A_LARGER_FREE = """
+import ctypes, sys, torch
+from tuneport.backends.cpu import CPUBackend
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                                "fordblks keepcost").split()]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+if sys.argv[1] == "setup":
+    CPUBackend().setup()
+big = torch.ones(8 << 20, dtype=torch.uint8)  # a mapped block, freed: glibc's own threshold rises to its size
+del big
+before = mallinfo2().hblkhd
+activation = torch.ones(3 << 20, dtype=torch.uint8)
+print("own mapping:", mallinfo2().hblkhd - before >= 3 << 20)
+"""
+
+
+def test_cpu_setup_gives_large_tensors_their_own_mapping_for_good():
+    """glibc moves its mmap threshold up as mapped blocks are freed, so later activations land in the heap,
+    whose holes stay resident; after the CPU backend's setup a 3 MiB tensor still gets its own mapping
+    (returned to the system when freed). Fresh processes, as the setting is process-wide."""
+    import ctypes
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc >= 2.33 only (mallinfo2 reads where blocks live)")
+    seen = {}
+    for mode in ("default", "setup"):
+        done = subprocess.run([sys.executable, "-c", MAPPED_AFTER_A_LARGER_FREE, mode], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen[mode] = done.stdout.split()[-1]
+    assert seen == {"default": "False", "setup": "True"}
 
 
 def test_cpu_backend_basics():
