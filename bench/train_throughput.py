@@ -249,12 +249,14 @@ def main() -> None:
     worst = max(abs(a - b) for a, b in zip(ours["losses"][:steps], theirs["losses"][:steps]))
     same = (f"largest per-step loss difference {worst:.2e}" if args.same_batches else
             "tuneport's batches grouped by length (per-step losses differ; eval loss compares)")
-    rate = statistics.median(summary(r, args.warmup)[0] for r in results["tuneport"]) / \
-        statistics.median(summary(r, args.warmup)[0] for r in results["hf"])
-    memory = statistics.median(r["peak_mib"] for r in results["tuneport"]) / \
-        statistics.median(r["peak_mib"] for r in results["hf"])
+    medians = {path: (statistics.median(summary(r, args.warmup)[0] for r in runs),
+                      statistics.median(r["peak_mib"] for r in runs)) for path, runs in results.items()}
+    rate = medians["tuneport"][0] / medians["hf"][0]
+    memory = medians["tuneport"][1] / medians["hf"][1]
     print(f"size {args.size}, {args.device}, {args.precision}, batch {args.batch}, checkpointing "
           f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), {args.steps} steps x {args.rounds} rounds; {same}")
+    print("medians: " + "; ".join(f"{path} {r:.1f} tokens/s, {m:.0f} MiB" for path, (r, m) in medians.items())
+          + f" (ratios {rate:.3f}, {memory:.3f})")
     print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "
           f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e} "
           f"({(ours['eval_loss'] / theirs['eval_loss'] - 1) * 100:+.2f}%)")
