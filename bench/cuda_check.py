@@ -10,6 +10,7 @@
    memory ratios.
 
     python bench/cuda_check.py [--steps 20] [--seq 2048] [--json out.json]
+    python bench/cuda_check.py --seq 768 --batch 4 --checkpointing        (the official demo's LoRA setting)
     python bench/cuda_check.py --device cpu --layers 1 --seq 64 --steps 2 --fp32   (smoke test of the script)
 """
 
@@ -61,7 +62,8 @@ def kernel_errors(backend) -> dict:
     return results
 
 
-def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.dtype, loss_only: bool = True) -> dict:
+def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.dtype, loss_only: bool = True,
+             batch: int = 1, checkpointing: bool = False) -> dict:
     """Train LoRA on a random-weight ChatGLM3-6B for `steps` steps; returns speed and memory.
 
     The first third of each sequence is a prompt without labels, as in fine-tuning data. `loss_only`:
@@ -77,11 +79,14 @@ def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.d
         model = ChatGLMForConditionalGeneration(chatglm3_6b_config(num_layers=layers)).to(dtype)
     model.set_kernels(kernels)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"]))
+    if checkpointing:  # after peft, as the trainer turns it on
+        model.get_base_model().gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # trainable weights in fp32, as the trainer keeps them
     optimizer = torch.optim.AdamW(params, lr=5e-5)
-    ids = torch.randint(0, 64789, (1, seq), device=device)
+    backend.reset_peak_memory()  # the training step's peak, not the float32 model's before its cast
+    ids = torch.randint(0, 64789, (batch, seq), device=device)
     labels = ids.clone()
     labels[:, :seq // 3] = -100
     timings = []
@@ -103,7 +108,7 @@ def lora_run(backend, kernels, steps: int, seq: int, layers: int, dtype: torch.d
     # LoRA: forward 2N, backward 2N for input gradients (frozen weights get none), plus causal attention
     # (QK^T and AV: 4 * seq * hidden per token and layer forward, halved by causality, x2 for backward).
     flops_per_token = 4 * n_params + 2 * 65024 * 4096 * 2 + 4 * seq * 4096 * config.num_layers
-    result = {"tokens_per_s": seq / seconds, "step_s": seconds, "loss": loss.item(),
+    result = {"tokens_per_s": batch * seq / seconds, "step_s": seconds, "loss": loss.item(),
               "peak_memory_gib": backend.memory_stats().peak / 2**30, "flops_per_token": flops_per_token}
     del model, optimizer
     backend.empty_cache()
@@ -114,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch (the official demo's LoRA setting: 4)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (the official demo: on)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
@@ -138,10 +145,11 @@ def main() -> None:
                 ("cuda kernels, full logits (the HF / official path)", backend.kernels, False))
     for label, kernels, loss_only in variants:
         r = lora_run(backend, kernels, args.steps, args.seq, args.layers, torch.float32 if args.fp32 else torch.bfloat16,
-                     loss_only)
+                     loss_only, args.batch, args.checkpointing)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
         runs[label] = r
-        print(f"\nChatGLM3-6B LoRA, {'fp32' if args.fp32 else 'bf16'}, seq {args.seq}, micro-batch 1, {args.steps} steps, {label}:")
+        print(f"\nChatGLM3-6B LoRA, {'fp32' if args.fp32 else 'bf16'}, seq {args.seq}, micro-batch {args.batch}, "
+              f"checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} steps, {label}:")
         print(f"  {r['tokens_per_s']:.0f} tokens/s, {r['step_s'] * 1000:.0f} ms/step, MFU {r['mfu'] * 100:.1f}%, "
               f"peak memory {r['peak_memory_gib']:.1f} GiB, final loss {r['loss']:.3f}")
     base, fast = runs["reference kernels (baseline)"], runs["cuda kernels"]

@@ -138,16 +138,17 @@ class Plan:
     vocab: int
     hidden: int
     size: int  # bytes per element in the compute dtype
+    device_type: str  # "cpu", "cuda", "npu": the label-only loss's chunk size depends on it
 
     def at(self, batch: int) -> Estimate:
         """The estimate for a micro-batch of `batch` samples."""
-        from ..models.loss import LOSS_CHUNK  # rows of logits the label-only loss forms at once
+        from ..models.loss import loss_chunk
 
         data = self.recipe.data
         seq = data.max_input_length + data.max_output_length + 1
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)
         cast = self.size if self.size < 4 else 0  # the gradient cast back to the compute dtype
-        logits = min(rows, LOSS_CHUNK) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
+        logits = min(rows, loss_chunk(self.device_type)) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
         return dataclasses.replace(self.fixed, activations=self.per_sample * batch, logits=logits)
 
     def largest_batch(self, memory: int, limit: int = 1 << 16) -> int:
@@ -197,7 +198,7 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     fixed = Estimate(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * ADAM_STATES, activations=0,
                      logits=0, runtime=runtime_bytes(device) if runtime is None else runtime)
     return Plan(recipe, fixed, per_sample, config.padded_vocab_size, config.hidden_size,
-                torch.empty((), dtype=compute).element_size())
+                torch.empty((), dtype=compute).element_size(), device.partition(":")[0])
 
 
 def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Optional[bool] = None,

@@ -17,7 +17,13 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
-LOSS_CHUNK = 128  # label positions per chunk: float32 logits of 128 x 65,024 are 32 MiB
+LOSS_CHUNK = 128  # label positions per chunk on the CPU: float32 logits of 128 x 65,024 are 32 MiB
+ACCELERATOR_LOSS_CHUNK = 1024  # GPU or NPU (254 MiB): on an H200, 128 rows ran 5% slower, 1024 as fast as full logits
+
+
+def loss_chunk(device_type: str) -> int:
+    """Label positions whose logits the label-only loss forms at once on a device of `device_type`."""
+    return LOSS_CHUNK if device_type in ("cpu", "meta") else ACCELERATOR_LOSS_CHUNK
 
 
 def label_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
@@ -25,7 +31,7 @@ def label_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     logits for the batch.
 
     Only positions whose next token is a label are gathered (a fine-tuning sample's prompt needs no
-    logits), and their logits, float32 softmax and gradients are formed `LOSS_CHUNK` rows at a time
+    logits), and their logits, float32 softmax and gradients are formed `loss_chunk` rows at a time
     inside one autograd function, which keeps the gradients rather than the logits for backward.
     Same value, dtype and gradients as the full path.
     """
@@ -54,8 +60,9 @@ class _LabelLoss(torch.autograd.Function):
         # One chunk's float32 logits are the only large tensor: the log-sum-exp, the softmax and its
         # gradient are formed in place in them. They are held vocabulary-major ([vocab, rows]): for a few
         # hundred rows, weight @ rows.T runs about a fifth faster than rows @ weight.T on CPU BLAS.
-        for start in range(0, rows.shape[0], LOSS_CHUNK):
-            chunk, target = rows[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+        step = loss_chunk(rows.device.type)
+        for start in range(0, rows.shape[0], step):
+            chunk, target = rows[start:start + step], targets[start:start + step]
             product = torch.matmul(weight, chunk.t())
             dtype = product.dtype
             logits = product.float()
@@ -70,7 +77,7 @@ class _LabelLoss(torch.autograd.Function):
                 grad[target, columns] -= 1.0
                 grad = grad.mul_(scale).to(dtype)
                 if grad_rows is not None:
-                    grad_rows[start:start + LOSS_CHUNK] = torch.matmul(grad.t(), weight.to(dtype))
+                    grad_rows[start:start + step] = torch.matmul(grad.t(), weight.to(dtype))
                 if grad_weight is not None:
                     grad_weight += torch.matmul(grad, chunk.to(dtype)).float()
                 del grad
