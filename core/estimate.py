@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..models import builder_family, builder_names, family_for
+from ..models import builder_family, builder_names, family_for, loss_chunk
 from .config import resolve_path
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,6 @@ class Plan:
 
     def at(self, batch: int) -> Estimate:
         """The estimate for a micro-batch of `batch` samples."""
-        from ..models.loss import loss_chunk
-
         data = self.recipe.data
         seq = data.max_input_length + data.max_output_length + 1
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)

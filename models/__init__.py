@@ -86,6 +86,13 @@ def older_cache_name(inputs: dict) -> dict:
     return inputs
 
 
+def loss_chunk(device_type: str) -> int:
+    """Label positions whose logits every family's label-only loss forms at once on `device_type`."""
+    from .loss import loss_chunk as rows  # torch, imported only when asked
+
+    return rows(device_type)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """What the rest of tuneport needs from one model family.
