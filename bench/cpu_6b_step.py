@@ -28,11 +28,13 @@ def main() -> None:
 
     import torch
 
+    from tuneport.backends import get_backend
     from tuneport.backends.torch_runtime import apply_method
     from tuneport.core.methods import LoraConfig
     from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_6b_config
     from tuneport.models.chatglm3.family import family
 
+    get_backend("cpu").setup()  # as `tuneport train` does
     baseline = rss_mib()
     start = time.perf_counter()
     torch.manual_seed(0)
