@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data" / "advertisegen"
-TOKENIZER = SHARED / "golden" / "chatglm3" / "checkpoint" / "tokenizer.model"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+DATA = TESTS / "data" / "advertisegen"
+TOKENIZER = TESTS / "golden" / "chatglm3" / "checkpoint" / "tokenizer.model"
 SIZES = {  # ChatGLM3's architecture and its real 65,024-word vocabulary
     "tiny": dict(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, kv_channels=64),
     "small": dict(num_layers=4, hidden_size=1024, ffn_hidden_size=3424, num_attention_heads=8, kv_channels=128),

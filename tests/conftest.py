@@ -1,5 +1,5 @@
-"""Shared fixtures: the golden vectors from ../shared (skipped with a reason when absent) and the
-`device` marker, which skips a test when its backend is not usable on this machine."""
+"""Shared fixtures: the golden vectors (tests/golden) and datasets (tests/data) that are part of the
+repository, and the `device` marker, which skips a test when its backend is not usable on this machine."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "golden" / "chatglm3"
+GOLDEN = REPO / "tests" / "golden" / "chatglm3"
+DATA = REPO / "tests" / "data"
 
 
 def pytest_configure(config):
@@ -28,14 +28,14 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden vectors not found at {GOLDEN} (they live in ../shared beside the repository)")
+    if not GOLDEN.is_dir():  # only in a copy made without them (a packaged sdist, say)
+        pytest.skip(f"golden vectors not found at {GOLDEN}: they are part of the repository (tests/golden); "
+                    "test a git clone")
     return GOLDEN
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    data = SHARED / "data"
-    if not data.is_dir():
-        pytest.skip(f"datasets not found at {data} (they live in ../shared beside the repository)")
-    return data
+def datasets() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"datasets not found at {DATA}: they are part of the repository (tests/data); test a git clone")
+    return DATA

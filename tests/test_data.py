@@ -1,4 +1,4 @@
-"""core/data.py on the real shared datasets with the real ChatGLM3 tokenizer (golden checkpoint).
+"""core/data.py on the real datasets (tests/data) with the real ChatGLM3 tokenizer (golden checkpoint).
 
 Expected messages are written out by hand in the official ChatGLM3 message format (THUDM/ChatGLM3
 finetune_demo/README.md; tool calls as its tool-using demo writes them) and tokenised with
@@ -26,7 +26,7 @@ from tuneport.core.data import (
 from tuneport.models.chatglm3 import load_tokenizer
 
 TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
-LIMITS = {"max_input_length": 2048, "max_output_length": 2048}  # nothing in the shared data is cut
+LIMITS = {"max_input_length": 2048, "max_output_length": 2048}  # nothing in the datasets is cut
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def expected(tok, messages):
     return tok.encode_conversation(messages, LIMITS["max_input_length"], LIMITS["max_output_length"])
 
 
-# --- the four formats on their shared datasets ---------------------------------------------------
-def test_advertisegen(tok, shared_data):
-    data = encode_dataset(shared_data / "advertisegen/train.json", tok, **LIMITS)
+# --- the four formats on their datasets ---------------------------------------------------
+def test_advertisegen(tok, datasets):
+    data = encode_dataset(datasets / "advertisegen/train.json", tok, **LIMITS)
     assert (data.format, data.records, len(data.samples), data.truncated, data.dropped) == (
         "advertisegen", 200, 200, 0, 0)
     # Record 1: content -> user, summary -> assistant, as the official demo.
@@ -52,8 +52,8 @@ def test_advertisegen(tok, shared_data):
     ])
 
 
-def test_conversations(tok, shared_data):
-    data = encode_dataset(shared_data / "cognition/train.json", tok, **LIMITS)
+def test_conversations(tok, datasets):
+    data = encode_dataset(datasets / "cognition/train.json", tok, **LIMITS)
     assert (data.format, data.records, len(data.samples)) == ("conversations", 71, 71)
     assert data.samples[0] == expected(tok, [
         {"role": "user", "content": "你好"},
@@ -61,8 +61,8 @@ def test_conversations(tok, shared_data):
     ])
 
 
-def test_alpaca(tok, shared_data):
-    data = encode_dataset(shared_data / "alpaca_zh/train.json", tok, **LIMITS)
+def test_alpaca(tok, datasets):
+    data = encode_dataset(datasets / "alpaca_zh/train.json", tok, **LIMITS)
     assert (data.format, data.records, len(data.samples)) == ("alpaca", 1000, 1000)
     # Record 609 has an empty input (user content is the instruction), record 665 has one.
     assert data.samples[608] == expected(tok, [
@@ -81,8 +81,8 @@ def test_alpaca_system_and_history():
     ]
 
 
-def test_sharegpt_tool_calls(tok, shared_data):
-    data = encode_dataset(shared_data / "glaive_toolcall_zh/train.json", tok, **LIMITS)
+def test_sharegpt_tool_calls(tok, datasets):
+    data = encode_dataset(datasets / "glaive_toolcall_zh/train.json", tok, **LIMITS)
     assert (data.format, data.records, len(data.samples), data.dropped) == ("sharegpt", 300, 300, 0)
     tools = [{"name": "calculate_age", "description": "根据出生日期计算年龄", "parameters": {
         "type": "object", "properties": {"birthdate": {"type": "string", "description": "出生日期以YYYY-MM-DD格式表示"}},
@@ -97,8 +97,8 @@ def test_sharegpt_tool_calls(tok, shared_data):
     ])
 
 
-def test_tool_call_message_text(shared_data):
-    line, record = read_records(shared_data / "glaive_toolcall_zh/train.json")[0]
+def test_tool_call_message_text(datasets):
+    line, record = read_records(datasets / "glaive_toolcall_zh/train.json")[0]
     assert line == 2 and detect_format(record) == "sharegpt"
     call = to_messages(record, "sharegpt")[2]
     assert call == {
@@ -125,8 +125,8 @@ def test_conversations_top_level_tools():
 
 
 # --- truncation and dropping ---------------------------------------------------------------------
-def test_truncated_and_dropped(tok, shared_data, tmp_path):
-    data = encode_dataset(shared_data / "advertisegen/train.json", tok, max_input_length=8, max_output_length=6)
+def test_truncated_and_dropped(tok, datasets, tmp_path):
+    data = encode_dataset(datasets / "advertisegen/train.json", tok, max_input_length=8, max_output_length=6)
     # Every prompt is longer than 15 tokens, so every sample is cut before its reply and dropped.
     assert (data.records, data.truncated, data.dropped, data.samples) == (200, 200, 200, [])
 
@@ -221,8 +221,8 @@ def test_collate_pads_on_the_right():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
 
 
-def test_collate_keeps_label_counts(tok, shared_data):
-    samples = encode_dataset(shared_data / "cognition/train.json", tok, **LIMITS).samples[:8]
+def test_collate_keeps_label_counts(tok, datasets):
+    samples = encode_dataset(datasets / "cognition/train.json", tok, **LIMITS).samples[:8]
     batch = collate(samples, pad_id=tok.pad_token_id)
     assert batch["input_ids"].shape == (8, max(len(ids) for ids, _ in samples))
     assert (batch["labels"] != -100).sum(axis=1).tolist() == [sum(l != -100 for l in labels) for _, labels in samples]

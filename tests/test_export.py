@@ -103,7 +103,7 @@ def test_bad_exports_are_one_line_and_leave_nothing(golden, tmp_path, capsys):
     shutil.rmtree(out)
 
 
-def test_qlora_export_matches_the_qlora_model(golden, shared_data, tmp_path):
+def test_qlora_export_matches_the_qlora_model(golden, datasets, tmp_path):
     """The export merges the adapter into the dequantized 4-bit base the adapter was trained on.
 
     Measured here (bitsandbytes 0.50 on the CPU): the export's logits are within 5.8e-3 of the QLoRA
@@ -117,7 +117,7 @@ def test_qlora_export_matches_the_qlora_model(golden, shared_data, tmp_path):
 
     run = tmp_path / "run"
     assert main(["train", str(Path(__file__).resolve().parents[1] / "recipes/chatglm3_6b_qlora.yaml"), f"model={golden / 'checkpoint'}", "train.max_steps=2",
-                 "device=cpu", "precision=fp32", f"data.train={shared_data / 'advertisegen/train.json'}",
+                 "device=cpu", "precision=fp32", f"data.train={datasets / 'advertisegen/train.json'}",
                  "data.eval=null", "train.micro_batch_size=2", f"output_dir={run}"]) == 0
     out = tmp_path / "merged"
     assert main(["export", "--model", str(golden / "checkpoint"), "--adapter", str(run / "adapter"),

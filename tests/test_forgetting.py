@@ -55,8 +55,8 @@ def test_mixing_resumes_exactly_from_a_saved_position():
     assert saved.mix_offset or saved.mix_epoch  # the general stream had moved on, and was restored too
 
 
-def test_demo_reports_forgetting_and_a_mixed_run_resumes_bit_exactly(tmp_path, shared_data, capsys):
-    general = shared_data / "alpaca_zh" / "train.json"
+def test_demo_reports_forgetting_and_a_mixed_run_resumes_bit_exactly(tmp_path, datasets, capsys):
+    general = datasets / "alpaca_zh" / "train.json"
     common = ["train.max_steps=6", "save.every=2", "eval.max_batches=2", f"eval.general={general}",
               "data.eval=builtin:demo/data.jsonl", f"data.mix={general}", "data.mix_ratio=0.25"]
     assert main(["train", DEMO, f"output_dir={tmp_path / 'straight'}", *common]) == 0

@@ -1,4 +1,4 @@
-"""The torch ChatGLM3 against golden vectors from the official implementation (../shared/golden),
+"""The torch ChatGLM3 against golden vectors from the official implementation (tests/golden),
 loaded from both official checkpoint layouts. Tolerance 1e-4 in float32, as the golden README says."""
 
 import json

@@ -1,5 +1,5 @@
 """The tokenizer against golden cases made with the official tokenization_chatglm.py and the official
-fine-tuning demo's process_batch (../shared/golden/chatglm3/tokenizer_cases.json). Exact equality."""
+fine-tuning demo's process_batch (tests/golden/chatglm3/tokenizer_cases.json). Exact equality."""
 
 import json
 

@@ -162,12 +162,12 @@ SCHEDULE = {"chatglm3_6b_adalora": ("method.tinit=0", "method.tfinal=0")}  # its
 
 
 @pytest.mark.parametrize("recipe", SHIPPED)
-def test_shipped_6b_recipes_run_on_the_golden_checkpoint(tmp_path, golden, shared_data, recipe):
+def test_shipped_6b_recipes_run_on_the_golden_checkpoint(tmp_path, golden, datasets, recipe):
     """The tiny golden model has the 6B folder's layout, so it stands in for it."""
     out = tmp_path / recipe
     code = train(out, f"model={golden / 'checkpoint'}", "train.max_steps=2", "device=cpu", "precision=fp32",
                  *SCHEDULE.get(recipe, ()),
-                 f"data.train={shared_data / 'advertisegen/train.json'}", f"data.eval={shared_data / 'advertisegen/dev.json'}",
+                 f"data.train={datasets / 'advertisegen/train.json'}", f"data.eval={datasets / 'advertisegen/dev.json'}",
                  "eval.max_batches=1", "train.micro_batch_size=2", recipe=f"recipes/{recipe}.yaml")
     assert code == 0
     records = metrics(out)
