@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
 from .config import FRAMEWORKS
 from .rundir import FolderError
+from .signals import StartupGuard
 
 DEMO_RECIPE = "builtin:demo.yaml"
 log = logging.getLogger("tuneport")
@@ -186,18 +188,23 @@ def cannot_write(folder: Path, e: OSError) -> FolderError:
     return FolderError(f"output_dir: cannot write to {folder} ({write_failure(e)}); choose a writable output_dir=...")
 
 
-def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Callable[[], dict]):
-    """Claim the output folder of a new run (rank 0 only): lock, marker, recipe.yaml, run.json.
+def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Callable[[], dict], guard: StartupGuard):
+    """Claim the output folder of a new run (rank 0 only): lock, marker, recipe.yaml, run.json. From the lock
+    on, `guard.undo` removes what the start wrote (run on a signal or a failure before training starts).
 
     Returns:
         The folder's lock, held until the run ends.
     """
     from . import rundir, trainer
 
+    created, was_run_folder = not output_dir.exists(), rundir.is_run_folder(output_dir)
     try:
         lock = rundir.claim(output_dir)
     except OSError as e:
+        if created:
+            rundir.unclaim(output_dir, created, was_run_folder)
         raise cannot_write(output_dir, e) from None
+    guard.undo = lambda: rundir.unclaim(output_dir, created, was_run_folder)
     try:
         action = folder_action(output_dir, False, demo)  # again, now that no other run can change it
         if action == "afresh":
@@ -269,9 +276,9 @@ def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
                    resume_from, lock)
 
 
-def prepare_run(plan: RunPlan):
+def prepare_run(plan: RunPlan, guard: StartupGuard):
     """Set up the device and the process group, then claim a new run's folder (rank 0: lock, marker,
-    recipe.yaml, run.json). Returns this process's Dist."""
+    recipe.yaml, run.json; `guard.undo` removes them again). Returns this process's Dist."""
     from . import trainer
     from .distributed import Dist, init_distributed
 
@@ -287,7 +294,7 @@ def prepare_run(plan: RunPlan):
     def claim() -> None:
         if dist.is_main and plan.resume_dir is None:
             plan.lock = prepare_folder(plan.output_dir, plan.action, plan.demo, plan.recipe,
-                                       lambda: run_record(plan, dist))
+                                       lambda: run_record(plan, dist), guard)
 
     dist.barrier()  # every process has checked the folder before the first one writes to it
     trainer.all_ok(dist, claim, f"output folder {plan.output_dir}")
@@ -320,15 +327,22 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
     from . import trainer
     from .distributed import in_process_group
 
+    guard: StartupGuard = args.guard
+    guard.message = "interrupted before training started; nothing was written"
     plan = plan_run(args, demo)
+    if plan.resume_dir:
+        guard.message = (f"interrupted before training resumed; its checkpoints are as they were: continue with "
+                         f"tuneport train --resume {shlex.quote(str(plan.resume_dir))}")
     try:
-        dist = prepare_run(plan)
+        dist = prepare_run(plan, guard)
         runtime, model_dir, start = build_run(plan, dist)
-        records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.data, plan.output_dir, start)
+        records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.data, plan.output_dir, start,
+                                on_start=guard.hand_over)
     except BaseException as e:
+        guard.run_undo()  # a new run that never started training leaves nothing behind
         if not in_process_group():
             raise
-        code = report(e)  # printed now, while the model (and DDP's reducer) is still alive
+        code = report(e, guard)  # printed now, while the model (and DDP's reducer) is still alive
         if plan.lock:
             plan.lock.release()
         leave_job(code)
@@ -680,8 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, guard: Optional[StartupGuard] = None) -> int:
+    """Run one command. `guard`: the start-up signal handler the entry point installed (core/entry.py);
+    without one (a call from Python), signals keep their handlers."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    guard = guard or StartupGuard()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options too (`train RECIPE --device cpu train.lr=1e-4`).
@@ -692,13 +709,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
+    args.guard = guard
     try:
         return args.run(args)
     except BaseException as e:
-        return report(e)
+        return report(e, guard)
 
 
-def report(e: BaseException) -> int:
+def report(e: BaseException, guard: StartupGuard) -> int:
     """The exit status for an exception that ended a command, after printing its one `error:` line;
     re-raises what is a bug (a traceback is for bugs)."""
     from .checkpoints import write_failure
@@ -720,8 +738,8 @@ def report(e: BaseException) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(e, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(guard.message, file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     reason = write_failure(e) if isinstance(e, Exception) else None
     if reason is None:
         raise e
@@ -740,5 +758,5 @@ def leave_job(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # under a launcher: `torchrun ... -m tuneport.core.cli train ...`
+    sys.exit(main(guard=StartupGuard().install()))

@@ -138,14 +138,33 @@ def write_marker(folder: Path) -> str:
     return run_id
 
 
-def clear(folder: Path) -> None:
-    """Remove what the marker lists as tuneport's (except the marker and the lock), nothing else."""
+def clear(folder: Path, temporaries: bool = False) -> None:
+    """Remove what the marker lists as tuneport's (except the marker and the lock), nothing else; with
+    `temporaries`, also the `.NAME.tmp` files an interrupted atomic write of those entries left."""
     marker = read_marker(folder) or {"owned": []}
     for name in marker.get("owned", []):
         if name in (MARKER, LOCK) or "/" in name or name in ("", ".", ".."):
             continue
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        for path in (folder / name, folder / f".{name}.tmp") if temporaries else (folder / name,):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
+def unclaim(folder: Path, created: bool, was_run_folder: bool) -> None:
+    """Undo the start of a new run that never reached training: remove everything it wrote, so the folder
+    is as it was (gone, if this start created it). A folder that was a run folder before keeps its marker,
+    so it can be started afresh; others lose marker and lock too."""
+    if not folder.is_dir():
+        return
+    clear(folder, temporaries=True)
+    if was_run_folder:
+        return
+    for name in (MARKER, f".{MARKER}.tmp", LOCK):
+        (folder / name).unlink(missing_ok=True)
+    if created:
+        try:
+            folder.rmdir()
+        except OSError:  # something else appeared there meanwhile: it is not ours to remove
+            pass

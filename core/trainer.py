@@ -524,11 +524,13 @@ def train(
     output_dir: Path,
     start: Optional[tuple[int, Position]] = None,
     on_step: Optional[Callable[[dict], None]] = None,
+    on_start: Callable[[], None] = lambda: None,
 ) -> list[dict]:
     """Run the optimizer steps of `recipe`, from the start or from `start` (step, position) that
     `restore` returned after loading a checkpoint into the runtime.
 
-    Every process runs this; only rank 0 logs and writes. SIGINT or SIGTERM ends the run after the
+    Every process runs this; only rank 0 logs and writes. `on_start` is called just before the first step
+    (the CLI's start-up signal handling ends there). SIGINT or SIGTERM ends the run after the
     current optimizer step with a checkpoint (`Stopped`); a non-finite loss or gradient norm ends it
     without one (`Diverged`). A new run with evaluation data scores it before the first step (run.json's
     `baseline`), and at the end records each evaluation loss's change (run.json's `forgetting`).
@@ -553,6 +555,7 @@ def train(
 
     from tqdm import tqdm
 
+    on_start()
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
     try:
         with StopOnSignal() as stop:
