@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..core.config import Recipe, resolve_path
 from ..core.methods import METHODS, decays, model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
-from ..models import CheckpointError, family_for, read_json
+from ..models import CheckpointError, family_for, read_json, refused_pickle
 from .base import Backend, MemoryStats, MethodUnavailable
 
 log = logging.getLogger(__name__)
@@ -537,6 +538,9 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
                               f"({trained_on})") from None
     except SafetensorError as e:
         raise CheckpointError(f"--adapter {adapter}: damaged adapter file ({e}); copy the adapter again") from None
+    except pickle.UnpicklingError as e:  # a pickle adapter_model.bin
+        raise refused_pickle(adapter / "adapter_model.bin", e) or CheckpointError(
+            f"--adapter {adapter}: damaged adapter file ({e}); copy the adapter again") from None
 
 
 def _adapter_weights(file: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +31,21 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def refused_pickle(file: Path, error: BaseException) -> Optional[CheckpointError]:
+    """The one-line error for a pickle (.bin) file that torch's safe loader refused because loading it would
+    call code or build objects other than tensors; None when `error` is another failure (a damaged file
+    keeps its own message). The refused global is named; torch's advice to turn the safe loader off is not
+    repeated."""
+    text = str(error)
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"would call {found.group(1)}" if found else "asks for more than tensors"
+    return CheckpointError(f"{file}: refused: loading this pickle file {what}; tuneport never unpickles code or "
+                           "objects from a checkpoint. Get the model's safetensors files from a trusted source, or "
+                           "convert this file to safetensors on a machine you trust")
 
 
 def layout_weight_files(folder: Path, layouts: tuple[tuple[str, str], ...], hint: str = "") -> list[Path]:

@@ -409,3 +409,51 @@ def test_a_failed_convert_leaves_nothing_and_a_retry_works(golden, tmp_path, cap
     (source / "pytorch_model-00002-of-00002.bin").write_bytes(good)
     assert main(["convert", str(source), str(destination)]) == 0
     assert (destination / "model.safetensors.index.json").is_file()
+
+
+# --- 7. a pickle that would run code ----------------------------------------------------------------------
+class Planted:
+    """Unpickled, this would run a shell command that writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def planted_bin_checkpoint(golden: Path, folder: Path, marker: Path) -> Path:
+    """The golden checkpoint's pickle layout with its second shard replaced by a pickle that runs code."""
+    shutil.copytree(golden / "checkpoint", folder,
+                    ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    shard = folder / "pytorch_model-00002-of-00002.bin"
+    torch.save({"transformer.output_layer.weight": Planted(marker)}, shard)
+    return shard
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "chat"])
+def test_a_pickle_that_would_run_code_is_refused_in_one_line(golden, tmp_path, capsys, command):
+    marker = tmp_path / "ran"
+    shard = planted_bin_checkpoint(golden, tmp_path / "model", marker)
+    args = {"train": ["train", DEMO, f"model={tmp_path / 'model'}", "tokenizer=null", f"output_dir={tmp_path / 'run'}"],
+            "convert": ["convert", str(tmp_path / "model"), str(tmp_path / "converted")],
+            "chat": ["chat", "--model", str(tmp_path / "model"), "--prompt", "hi", "--device", "cpu"]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert line.startswith(f"error: {shard}: refused:") and "posix.system" in line
+    assert "tuneport never unpickles code or objects" in line and "safetensors" in line and "trust" in line
+    assert "weights_only" not in err and "damaged" not in line
+    assert not marker.exists() and not (tmp_path / "run").exists() and not (tmp_path / "converted").exists()
+
+
+def test_a_pickle_adapter_that_would_run_code_is_refused_in_one_line(golden, tmp_path, capsys):
+    marker, adapter = tmp_path / "ran", tmp_path / "adapter"
+    shutil.copytree(golden / "lora_adapter", adapter, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"base_model.model.x.lora_A.weight": Planted(marker)}, adapter / "adapter_model.bin")
+    assert main(["chat", "--model", str(golden / "checkpoint"), "--adapter", str(adapter), "--prompt", "hi",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert error_line(err).startswith(f"error: {adapter / 'adapter_model.bin'}: refused: loading this pickle file "
+                                      "would call posix.system;")
+    assert "weights_only" not in err and not marker.exists()

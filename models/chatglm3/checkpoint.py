@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...backends import Backend, get_backend
-from .. import CheckpointError
+from .. import CheckpointError, refused_pickle
 from .config import ChatGLM3Config
 from .files import PREFIX_ENCODER, load_config, match_weights, official_config, weight_files
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
@@ -31,7 +31,7 @@ DTYPES = {
 
 
 def _unreadable(file: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(
+    return refused_pickle(file, e) or CheckpointError(
         f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, download it again")
 
 
