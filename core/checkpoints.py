@@ -98,7 +98,7 @@ def write_failure(e: BaseException) -> Optional[str]:
         if isinstance(seen, OSError):
             return seen.strerror or str(seen)
         if isinstance(seen, SafetensorError):
-            code = re.search(r"code: (\d+)", str(seen))
+            code = re.search(r"(?:code: |os error )(\d+)", str(seen))  # "... (os error 28)" in safetensors 0.5+
             return os.strerror(int(code.group(1))) if code else str(seen).splitlines()[0][:200]
         seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)  # `from None` ends it
     return None

@@ -122,11 +122,12 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
     """
     from . import checkpoints
     from .config import RecipeError, load_recipe
-    from .rundir import check_usable, is_run_folder
+    from .rundir import check_usable, check_writable, is_run_folder
 
     if resume:
         return "resume"
     check_usable(output_dir)
+    check_writable(output_dir, f"output_dir {output_dir}", NEW_RUN_FIX)
     if not is_run_folder(output_dir):
         return "new"
     progress = checkpoints.latest_checkpoint(output_dir / "checkpoints") or (output_dir / "adapter").exists()
@@ -182,10 +183,29 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
     return tokenizer, data, resume_from
 
 
+NEW_RUN_FIX = "free disk space, or choose a writable output_dir=..."
+
+
 def cannot_write(folder: Path, e: OSError) -> FolderError:
     from .checkpoints import write_failure
 
-    return FolderError(f"output_dir: cannot write to {folder} ({write_failure(e)}); choose a writable output_dir=...")
+    return FolderError(f"output_dir {folder}: cannot be written ({write_failure(e)}); nothing of this run was kept; "
+                       f"{NEW_RUN_FIX}")
+
+
+def train_write_error(e: BaseException, output_dir: Path, resumable: bool) -> Optional[FolderError]:
+    """One line for a write that failed outside the writers that say it themselves (checkpoints, the adapter):
+    the demo's base model, metrics.jsonl, TensorBoard events, run.json, loss.png. A run that can continue
+    (it had started training, or was a resume) names its newest checkpoint and --resume; a new run that
+    never started has been removed, and is started again."""
+    from .checkpoints import write_failure
+    from .trainer import resume_hint
+
+    reason = write_failure(e) if isinstance(e, Exception) and not isinstance(e, expected_errors()) else None
+    if reason is None:
+        return None
+    return FolderError(f"output_dir {output_dir}: cannot be written ({reason}); "
+                       + (resume_hint(output_dir) if resumable else f"nothing of this run was kept; {NEW_RUN_FIX}"))
 
 
 def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Callable[[], dict], guard: StartupGuard):
@@ -196,6 +216,7 @@ def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Ca
         The folder's lock, held until the run ends.
     """
     from . import rundir, trainer
+    from .checkpoints import write_failure
 
     created, was_run_folder = not output_dir.exists(), rundir.is_run_folder(output_dir)
     try:
@@ -215,7 +236,7 @@ def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Ca
         rundir.atomic_write_text(output_dir / "run.json", json.dumps(record(), indent=2, default=str))
     except BaseException as e:
         lock.release()
-        if isinstance(e, OSError):
+        if isinstance(e, Exception) and write_failure(e):  # the demo's base model is built here too
             raise cannot_write(output_dir, e) from None
         raise
     return lock
@@ -339,10 +360,14 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.data, plan.output_dir, start,
                                 on_start=guard.hand_over)
     except BaseException as e:
+        resumable = guard.started or plan.resume_dir is not None
         guard.run_undo()  # a new run that never started training leaves nothing behind
+        failed = train_write_error(e, plan.output_dir, resumable)
         if not in_process_group():
+            if failed:
+                raise failed from None
             raise
-        code = report(e, guard)  # printed now, while the model (and DDP's reducer) is still alive
+        code = report(failed or e, guard)  # printed now, while the model (and DDP's reducer) is still alive
         if plan.lock:
             plan.lock.release()
         leave_job(code)
@@ -501,10 +526,15 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from ..models import CheckpointError, family_for
 
+    from .rundir import check_writable, writing
+
     family = family_for(Path(args.source))
     if family.convert is None:
         raise CheckpointError(f"{args.source}: converting {family.model_type} checkpoints is not supported")
-    family.convert(Path(args.source), Path(args.destination))
+    fix = "free disk space, or choose a writable destination"
+    check_writable(Path(args.destination), args.destination, fix)  # before any shard is read
+    with writing(args.destination, "nothing was written there", fix):
+        family.convert(Path(args.source), Path(args.destination))
     print(f"wrote {args.destination}")
     return 0
 
@@ -564,6 +594,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .estimate import needs_checkpointing, plan
     from .trainer import RunError
 
+    memory = parse_memory(args.memory) if args.memory else None  # every argument before the estimate
     recipe = load_recipe(args.recipe, tuple(args.overrides))
     device = (args.device or recipe.device).partition(":")[0]
     if device == "auto":
@@ -580,9 +611,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     for part in ("weights", "gradients", "optimizer", "activations", "logits", "runtime"):
         print(f"  {part:12s}{getattr(both[False], part) / mib:16.0f} MiB{getattr(both[True], part) / mib:8.0f} MiB")
     print(f"  {'peak':12s}{both[False].peak / mib:16.0f} MiB{both[True].peak / mib:8.0f} MiB")
-    if not args.memory:
+    if memory is None:
         return 0
-    memory = parse_memory(args.memory)
     shown = args.memory.replace("GiB", " GiB").replace("MiB", " MiB").replace("GB", " GB").replace("MB", " MB")
     for on in (False, True):
         print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
@@ -744,8 +774,7 @@ def report(e: BaseException, guard: StartupGuard) -> int:
     if reason is None:
         raise e
     where = getattr(e, "filename", None) or "a file"
-    print(f"error: {where}: cannot be written ({reason}); free disk space or fix the permissions, then "
-          "continue a run with --resume", file=sys.stderr)
+    print(f"error: {where}: cannot be written ({reason}); free disk space or fix the permissions", file=sys.stderr)
     return 2
 
 

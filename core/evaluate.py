@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .rundir import FolderError, atomic_write_text
+from .rundir import FolderError, atomic_write_text, check_writable, writing
 
 EVAL_RECORD = "eval.json"
 PREDICTIONS = "predictions.jsonl"
+WRITE_FIX = "free disk space, or choose a writable --out"
 DTYPES = ("fp32", "bf16", "fp16")
 # The official fine-tuning demo's lengths (configs/lora.yaml: 256 input tokens; 512 output tokens, and
 # generation_config.max_new_tokens 512), as the recipes' defaults.
@@ -225,12 +226,10 @@ def write_results(out: Path, record: dict, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     record["predictions"] = {"file": PREDICTIONS, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
     check_out(out)  # again: the folder may have changed during a long generation
-    try:
+    with writing(f"--out {out}", "the scores and replies were not saved", WRITE_FIX):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / PREDICTIONS, text)
         atomic_write_text(out / EVAL_RECORD, json.dumps(record, indent=2, ensure_ascii=False))
-    except OSError as e:
-        raise FolderError(f"--out {out}: cannot be written ({e.strerror or e}); choose a writable --out") from None
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -291,6 +290,7 @@ def run_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter) if args.adapter else None
     out = Path(args.out) if args.out else default_out(adapter)
     check_out(out)
+    check_writable(out, f"--out {out}", WRITE_FIX)  # before anything is generated
     samples, fmt, records = read_dev_set(data, args.format, args.limit)
     try:
         device_name, backend = pick_backend(args.device)

@@ -24,6 +24,7 @@ from typing import Optional
 from ..models import CheckpointError, family_for
 from .data import file_sha256
 from .onnx_generate import MODEL_FILE, empty_cache, onnx_generate, open_session, step
+from .rundir import check_writable, writing
 
 __all__ = ["export", "onnx_generate", "compare_onnx"]
 
@@ -31,6 +32,7 @@ EXPORT_RECORD = "export.json"
 DTYPES = ("fp32", "bf16", "fp16")
 FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+WRITE_FIX = "free disk space, or choose a writable --out"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 # The official release's code, copied when the base folder has it, so engines that load a ChatGLM3 folder
 # with trust_remote_code (the official demos, vLLM's tokenizer) read the export as they read the release.
@@ -79,6 +81,8 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         if not (out / EXPORT_RECORD).is_file():
             raise CheckpointError(f"--out {out}: is not an earlier tuneport export (no {EXPORT_RECORD}); tuneport "
                                   "replaces only what it wrote: choose a new folder")
+    kept = "the earlier export there is unchanged" if out.exists() else "nothing was written there"
+    check_writable(out, f"--out {out}", WRITE_FIX)  # before the model loads
     family = family_for(model)
     writer = family.save_official if fmt == "safetensors" else family.export_onnx
     if writer is None:
@@ -93,25 +97,27 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         tuned = tuned.merge_and_unload()
     tuned = tuned.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users (a container's, say)
-        writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
-        checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
-        for name in TOKENIZER_FILES + (OFFICIAL_CODE if fmt == "safetensors" else ()):
-            if (model / name).is_file():
-                shutil.copy(model / name, tmp / name)
-        record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.resolve()),
-                  "adapter": str(adapter.resolve()) if adapter else None, "dtype": dtype, "format": fmt,
-                  **checks, "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-        if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(f"--out {out}", kept, WRITE_FIX):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users (a container's, say)
+            writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
+            checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
+            for name in TOKENIZER_FILES + (OFFICIAL_CODE if fmt == "safetensors" else ()):
+                if (model / name).is_file():
+                    shutil.copy(model / name, tmp / name)
+            record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "model": str(model.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
+                      "dtype": dtype, "format": fmt, **checks,
+                      "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
+            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+            if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return record
 
 

@@ -86,6 +86,7 @@ UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 FORWARD_UNITS, GRADIENT_UNITS = 8, 16
 FP16_LOSS_SCALE = 2.0**16
 REPORT, PLOT = "parity.json", "parity.png"
+WRITE_FIX = "free disk space, or choose a writable --out"
 REFERENCE_KIND = "tuneport-parity-reference"
 REFERENCE_FORMAT = 1
 # config.json keys that say how a file was written, not what the model is (a re-saved copy changes them).
@@ -478,6 +479,17 @@ def _is_reference(file: Path) -> bool:
         return False
 
 
+def _unwritable(path: Path, output: str, fix: str) -> list[str]:
+    """[the problem] when `path` cannot be written (checked before either side runs), else []."""
+    from .rundir import FolderError, check_writable
+
+    try:
+        check_writable(path, output, fix)
+    except FolderError as e:
+        return [str(e)]
+    return []
+
+
 def save_reference(file: Path, captured: dict, batch: dict, meta: dict) -> None:
     """Write side A's rows, the batch and `meta` as one safetensors file, replacing it in one step."""
     import numpy as np
@@ -723,6 +735,8 @@ def run_parity(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..models import CheckpointError, family_for
 
+    from .rundir import writing
+
     problems: list[str] = []
     side_a, side_b = _sides(args, problems)
     model_dir, adapter = Path(args.model), Path(args.adapter) if args.adapter else None
@@ -754,8 +768,9 @@ def _run(args: argparse.Namespace) -> int:
         if file.exists() and not (file.is_file() and _is_reference(file)):
             problems.append(f"--save-reference {file}: exists and is not a tuneport parity reference; tuneport never "
                             "overwrites your files: choose another file")
+        problems += _unwritable(file, f"--save-reference {file}", "free disk space, or choose a writable file")
     if side_b is not None:
-        problems += output_problems(out)
+        problems += output_problems(out) or _unwritable(out, f"--out {out}", WRITE_FIX)
     reference = None
     if args.against and not problems:
         reference = load_reference(Path(args.against))
@@ -781,7 +796,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.save_reference:
             meta = {"format": REFERENCE_FORMAT, "side": asdict(side_a), "versions": versions_a, "model": identity,
                     "adapter": adapter_id, "batch": batch_info}
-            save_reference(Path(args.save_reference), captured_a, batch, meta)
+            with writing(f"--save-reference {args.save_reference}", "nothing was written there",
+                         "free disk space, or choose a writable file"):
+                save_reference(Path(args.save_reference), captured_a, batch, meta)
             print(f"wrote {args.save_reference}: side A ({side_a}), {len(captured_a)} rows, batch "
                   f"{'x'.join(map(str, batch_info['shape']))} ({batch_info['source']})")
             if side_b is None:
@@ -809,7 +826,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{'x'.join(map(str, batch_info['shape']))} ({batch_info['source']})")
     print(f"{dtype} tolerances: {tolerance_rule(dtype)}")
     print(table(rows))
-    written = write_outputs(out, report)
+    with writing(f"--out {out}", "the report was not saved (the table above is its content)", WRITE_FIX):
+        written = write_outputs(out, report)
     failed = sum(not r.passed for r in rows)
     if drift:
         where = f"block {drift['layer']}" if drift["layer"] is not None else drift["row"]

@@ -16,10 +16,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+from .checkpoints import write_failure
 
 MARKER = ".tuneport-run.json"
 LOCK = ".tuneport.lock"
@@ -47,6 +51,43 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def writing(output: str, kept: str, fix: str) -> Iterator[None]:
+    """A write that fails inside the block (disk full, read-only file system, no permission) becomes one
+    FolderError line: "OUTPUT: cannot be written (REASON); KEPT; FIX". Other errors pass through.
+
+    Args:
+        output: the command's own output, as the user named it ("--out /models/tuned").
+        kept: what the command left behind ("nothing was written there").
+        fix: what to do, for this command ("free disk space, or choose a writable --out").
+    """
+    try:
+        yield
+    except FolderError:
+        raise
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise FolderError(f"{output}: cannot be written ({reason}); {kept}; {fix}") from None
+
+
+def check_writable(path: Path, output: str, fix: str) -> None:
+    """Refuse, before any long work, an output that cannot be created: the nearest existing folder at or above
+    `path` must take a new file (a read-only file system or a folder without permission does not).
+
+    Raises:
+        FolderError: "OUTPUT: cannot be written (REASON); nothing was written; FIX".
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    with writing(output, "nothing was written", fix):
+        fd, probe = tempfile.mkstemp(prefix=".tuneport-probe-", dir=existing if existing.is_dir() else existing.parent)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def read_marker(folder: Path) -> Optional[dict]:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import threading
@@ -459,10 +460,17 @@ def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: in
     except RunError as e:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        newest = checkpoints.latest_checkpoint(root)
-        raise RunError(f"checkpoint of step {step}: {e}; free disk space or lower save.keep_last, then continue "
-                       f"with --resume {root.parent} (newest complete checkpoint: {newest or 'none'})") from None
+        raise RunError(f"output_dir {root.parent}: the checkpoint of step {step}: {e}; "
+                       + resume_hint(root.parent, "free disk space or lower save.keep_last")) from None
     return final
+
+
+def resume_hint(output_dir: Path, fix: str = "free disk space") -> str:
+    """What a run that stopped on a failed write kept, and how it continues."""
+    newest = checkpoints.latest_checkpoint(output_dir / "checkpoints")
+    return (f"kept: {newest or 'no checkpoint yet (a resume starts again from step 0)'}; {fix}, then continue "
+            "with: tuneport train --resume "
+            f"{shlex.quote(str(output_dir))}")
 
 
 def precision_name(precision) -> str:
@@ -611,9 +619,8 @@ def train(
         if reason is None:
             raise
         shutil.rmtree(output_dir / "adapter.tmp", ignore_errors=True)
-        raise RunError(f"{output_dir / 'adapter'}: the tuned adapter could not be written ({reason});"
-                       f" free disk space, then continue with --resume {output_dir} "
-                       f"(newest complete checkpoint: {checkpoints.latest_checkpoint(ckpt_root) or 'none'})") from None
+        raise RunError(f"output_dir {output_dir}: the tuned adapter could not be written ({reason}); "
+                       + resume_hint(output_dir)) from None
     shutil.rmtree(output_dir / "adapter", ignore_errors=True)
     (output_dir / "adapter.tmp").rename(output_dir / "adapter")
     records = metrics.records()

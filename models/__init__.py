@@ -34,18 +34,23 @@ def read_json(path: Path) -> dict:
 
 
 def refused_pickle(file: Path, error: BaseException) -> Optional[CheckpointError]:
-    """The one-line error for a pickle (.bin) file that torch's safe loader refused because loading it would
-    call code or build objects other than tensors; None when `error` is another failure (a damaged file
-    keeps its own message). The refused global is named; torch's advice to turn the safe loader off is not
-    repeated."""
+    """The one-line error for a pickle (.bin) file that torch's safe loader refused; None when `error` is
+    another failure (a truncated zip or bad header keeps its own message). A file that would call code or
+    build objects other than tensors is refused, naming the global it asks for; one the loader cannot parse
+    is damaged. torch's advice to turn the safe loader off is never repeated."""
     text = str(error)
     if "Weights only load failed" not in text:
         return None
     found = re.search(r"GLOBAL ([\w.]+)", text)
-    what = f"would call {found.group(1)}" if found else "asks for more than tensors"
-    return CheckpointError(f"{file}: refused: loading this pickle file {what}; tuneport never unpickles code or "
-                           "objects from a checkpoint. Get the model's safetensors files from a trusted source, or "
-                           "convert this file to safetensors on a machine you trust")
+    if found:
+        return CheckpointError(f"{file}: refused: loading this pickle file would call {found.group(1)}; tuneport never "
+                               "unpickles code or objects from a checkpoint. Get the model's safetensors files from a "
+                               "trusted source, or convert this file to safetensors on a machine you trust")
+    detail = next((line.strip() for line in text.splitlines()[1:]
+                   if line.strip() and not line.startswith(("Please file", "Check the documentation"))), "")
+    return CheckpointError(f"{file}: cannot be read (the safe pickle loader stopped at: {detail or 'an unknown opcode'});"
+                           " the file is damaged or incomplete, download it again (or get the model's safetensors "
+                           "files)")
 
 
 def layout_weight_files(folder: Path, layouts: tuple[tuple[str, str], ...], hint: str = "") -> list[Path]:

@@ -95,8 +95,9 @@ def test_corrupt_bin_shard_names_the_file(golden, tmp_path):
     for name in ["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"]:
         shutil.copy(src / name, tmp_path / name)
     (tmp_path / "pytorch_model-00002-of-00002.bin").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin: cannot be read"):
+    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin: cannot be read") as caught:
         load_model(tmp_path)
+    assert "damaged" in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 def test_invalid_config_json_names_line(folder):

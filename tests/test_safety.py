@@ -25,12 +25,14 @@ from safetensors.torch import load_file
 from tuneport.models.chatglm3.builders import build_model_folder
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe, resolve_path
+from tuneport.core.rundir import write_marker
 
 DEMO = "builtin:demo.yaml"
 QUICK = ("train.max_steps=4", "train.warmup_steps=0")
 
-# Runs the CLI with a hook after optimizer step AT: "wait" (write READY, wait for READY.go), or signals
-# to send itself ("SIGINT", "SIGINT,SIGINT", "SIGTERM", "SIGKILL"). Usage: HOOK ACTION AT READY ARGS...
+# Runs the CLI with a hook after optimizer step AT: "wait" (write READY, wait for READY.go), "fill" (take the
+# free space of the file system that holds $FILL), or signals to send itself ("SIGINT", "SIGINT,SIGINT",
+# "SIGTERM", "SIGKILL"). Usage: HOOK ACTION AT READY ARGS...
 HOOK = """
 import os, signal, sys, time
 from pathlib import Path
@@ -43,6 +45,13 @@ def hook(record):
         ready.write_text(str(os.getpid()))
         while not ready.with_suffix(".go").exists():
             time.sleep(0.05)
+    elif action == "fill":
+        try:
+            with open(os.environ["FILL"], "ab", buffering=0) as f:
+                while True:
+                    f.write(bytes(4096))
+        except OSError:
+            pass
     else:
         for name in action.split(","):
             os.kill(os.getpid(), getattr(signal, name))
@@ -118,12 +127,16 @@ def test_a_failed_run_then_a_rerun_keep_the_users_data_file(tmp_path, capsys):
 
 
 def test_starting_afresh_removes_only_what_tuneport_wrote(tmp_path, capsys):
-    """A run that failed after claiming its folder is started afresh; a file the user put there survives,
-    and so does the user's file in an earlier demo's folder when the demo runs again."""
+    """A run that fails after claiming its folder removes what it wrote there. A start killed outright
+    (SIGKILL: nothing can be undone) leaves a run folder without progress, which is started afresh; a file the
+    user put there survives, and so does the user's file in an earlier demo's folder when the demo runs again."""
     out = tmp_path / "run"
     assert main(["train", DEMO, f"output_dir={out}", *QUICK, "method.target_modules=[no_such_layer]"]) == 2
     assert "no_such_layer" in error_line(capsys.readouterr().err)
-    assert (out / ".tuneport-run.json").is_file()
+    assert not out.exists()
+    out.mkdir()
+    write_marker(out)  # what a start killed right after claiming its folder leaves
+    (out / "recipe.yaml").write_text("model: demo\n")
     (out / "my_notes.txt").write_text("keep me\n")
     assert main(["train", DEMO, f"output_dir={out}", *QUICK]) == 0
     assert (out / "my_notes.txt").read_text() == "keep me\n" and (out / "adapter").is_dir()
@@ -318,15 +331,119 @@ def in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
 CLI = f"{sys.executable} -m tuneport.core.cli"
 
 
+READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
+TMPFS = 'mount -t tmpfs -o size={} tmpfs "$1" && '
+
+
+def failed_write(setup: str, command: str, folder: Path) -> tuple[str, list[str]]:
+    """Run `command` (CLI arguments, "$1" is `folder`) in a private namespace after `setup` mounted `folder`
+    read-only or as a small tmpfs; returns (its one error line, what the file system holds afterwards)."""
+    folder.mkdir(exist_ok=True)
+    result = in_namespace(f'{setup}{CLI} {command}; status=$?; find "$1" -mindepth 1 | sort > "$1.left"; exit $status',
+                          str(folder))
+    assert result.returncode == 2, result.stderr[-3000:]
+    left = Path(f"{folder}.left").read_text().split()
+    return error_line(result.stderr), [str(Path(p).relative_to(folder)) for p in left]
+
+
+NEW_RUN = "nothing of this run was kept; free disk space, or choose a writable output_dir=..."
+
+
 def test_a_read_only_output_dir(tmp_path):
     ro = tmp_path / "ro"
-    ro.mkdir()
-    result = in_namespace(f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
-                          f'{CLI} train {DEMO} output_dir="$1/run" train.max_steps=2', str(ro))
+    line, left = failed_write(READ_ONLY, f'train {DEMO} output_dir="$1/run" train.max_steps=2', ro)
+    assert line == (f"error: output_dir {ro / 'run'}: cannot be written (Read-only file system); nothing was written; "
+                    "free disk space, or choose a writable output_dir=...")
+    assert left == []
+
+
+def test_a_full_disk_at_the_demos_base_model_leaves_nothing(tmp_path):
+    """The marker, recipe.yaml and run.json fit in 256 KiB; the demo's 2 MB base model does not."""
+    disk = tmp_path / "disk"
+    line, left = failed_write(TMPFS.format("256k"), f'train {DEMO} output_dir="$1/run" train.max_steps=2', disk)
+    assert line == f"error: output_dir {disk / 'run'}: cannot be written (No space left on device); {NEW_RUN}"
+    assert left == []  # no run folder, no .base_model.tmp
+
+
+def test_a_full_disk_at_the_adapter_keeps_the_run_resumable(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK)
+    result = in_namespace(f'{TMPFS.format("8m")}FILL="$1/filler" {sys.executable} {hook} fill 4 - train {DEMO} '
+                          f'output_dir="$1/run" {" ".join(QUICK)} save.every=0; status=$?; rm "$1/filler"; '
+                          f'ls -A "$1/run" > "$1.left"; exit $status', str(disk))
     assert result.returncode == 2, result.stderr[-3000:]
-    line = error_line(result.stderr)
-    assert f"cannot write to {ro / 'run'}" in line and "Read-only file system" in line
-    assert not list(ro.iterdir())
+    run = disk / "run"
+    assert error_line(result.stderr) == (
+        f"error: output_dir {run}: the tuned adapter could not be written (No space left on device); kept: no "
+        f"checkpoint yet (a resume starts again from step 0); free disk space, then continue with: tuneport train "
+        f"--resume {run}")
+    assert "adapter.tmp" not in Path(f"{disk}.left").read_text().split()
+
+
+def test_a_full_disk_at_a_resume_names_its_checkpoint(tmp_path):
+    """The resume records itself in run.json (a new file, written atomically) before training continues."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = disk / "run"
+    result = in_namespace(f'{TMPFS.format("8m")}{CLI} train {DEMO} output_dir="$1/run" {" ".join(QUICK)} save.every=2 '
+                          f'&& (cat /dev/zero > "$1/filler" 2>/dev/null; true) && {CLI} train --resume "$1/run" '
+                          f'train.max_steps=6; status=$?; find "$1/run" -name ".*.tmp" > "$1.left"; exit $status',
+                          str(disk))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result.stderr) == (
+        f"error: output_dir {run}: cannot be written (No space left on device); kept: {run / 'checkpoints' / 'step-4'}; "
+        f"free disk space, then continue with: tuneport train --resume {run}")
+    assert Path(f"{disk}.left").read_text() == ""
+
+
+@pytest.mark.parametrize("setup,reason", [(TMPFS.format("1m"), "No space left on device"),
+                                          (READ_ONLY, "Read-only file system")], ids=["full", "read-only"])
+def test_export_to_a_full_or_read_only_disk(golden, tmp_path, setup, reason):
+    disk = tmp_path / "disk"
+    line, left = failed_write(setup, f'export --model {golden / "checkpoint"} --out "$1/tuned"', disk)
+    kept = "nothing was written there" if "tmpfs" in setup else "nothing was written"
+    assert line == f"error: --out {disk / 'tuned'}: cannot be written ({reason}); {kept}; free disk space, or choose " \
+                   "a writable --out"
+    assert left == []
+
+
+def test_convert_to_a_full_disk(golden, tmp_path):
+    disk = tmp_path / "disk"
+    line, left = failed_write(TMPFS.format("1m"), f'convert {golden / "checkpoint"} "$1/converted"', disk)
+    assert line == f"error: {disk / 'converted'}: cannot be written (No space left on device); nothing was written " \
+                   "there; free disk space, or choose a writable destination"
+    assert left == []
+
+
+def test_eval_into_a_read_only_folder_stops_before_generating(golden, tmp_path):
+    disk = tmp_path / "disk"
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"content": "类型#裤", "summary": "宽松的裤子"}, ensure_ascii=False) + "\n")
+    result = in_namespace(f'{READ_ONLY}{CLI} eval --model {golden / "checkpoint"} --data {data} --out "$1/eval" '
+                          '--device cpu', str(disk.mkdir() or disk))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result.stderr) == (f"error: --out {disk / 'eval'}: cannot be written (Read-only file system); "
+                                         "nothing was written; free disk space, or choose a writable --out")
+    assert "%|" not in result.stderr  # no progress bar: nothing was generated
+
+
+def test_parity_into_a_read_only_folder_stops_before_either_side_runs(golden, tmp_path):
+    disk = tmp_path / "disk"
+    result = in_namespace(f'{READ_ONLY}{CLI} parity --model {golden / "checkpoint"} --a cpu --b cpu --dtype-b bf16 '
+                          '--out "$1/parity"', str(disk.mkdir() or disk))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result.stderr) == (f"error: --out {disk / 'parity'}: cannot be written (Read-only file "
+                                         "system); nothing was written; free disk space, or choose a writable --out")
+    assert "tuneport parity: A =" not in result.stdout
+
+
+def test_estimate_checks_memory_before_estimating(capsys):
+    assert main(["estimate", "builtin:demo.yaml", "--memory", "lots"]) == 2
+    out, err = capsys.readouterr()
+    assert error_line(err) == "error: --memory lots: not an amount of memory; write it like 24GiB, 80GB or 512MiB"
+    assert out == ""  # nothing estimated first
 
 
 def test_a_full_disk_keeps_the_older_checkpoints(tmp_path):

@@ -52,15 +52,19 @@ def build_model_folder(name: str, folder: Path) -> None:
     torch.set_rng_state(generator_state)
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # The files `model.save_pretrained(tmp)` writes, byte for byte, written without it: its unwrap_model goes
-    # through accelerate, which imports DeepSpeed wherever it is installed (a quarter second and its accelerator
-    # warning on every demo).
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    save_file(model.state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(tokenizer_file, tmp / "tokenizer.model")
-    tmp.rename(folder)
+    try:
+        # The files `model.save_pretrained(tmp)` writes, byte for byte, written without it: its unwrap_model goes
+        # through accelerate, which imports DeepSpeed wherever it is installed (a quarter second and its
+        # accelerator warning on every demo).
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_file(model.state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(tokenizer_file, tmp / "tokenizer.model")
+        tmp.rename(folder)
+    except BaseException:  # a full disk, say: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def build_demo_folder(folder: Path) -> None:

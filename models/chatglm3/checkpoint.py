@@ -176,18 +176,15 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
     """Copy a checkpoint folder, its weights rewritten shard for shard as safetensors (with an index).
 
     The copy is written into a temporary folder beside `destination` and renamed at the end, so a
-    failed conversion leaves no `destination` behind.
+    failed conversion leaves no `destination` behind (a failed write raises the OSError or SafetensorError).
     """
     from safetensors.torch import save_file
 
     files = weight_files(Path(source))
     if destination.exists():
         raise CheckpointError(f"{destination}: already exists; give a new folder to write the converted checkpoint")
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    except OSError as e:
-        raise CheckpointError(f"{destination}: cannot be written ({e.strerror})") from None
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         weight_map = {}
         for i, file in enumerate(files, start=1):
@@ -201,10 +198,8 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
             if extra.suffix in (".json", ".model", ".txt") and "index" not in extra.name and extra.is_file():
                 shutil.copy(extra, tmp / extra.name)
         os.rename(tmp, destination)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):
-            raise CheckpointError(f"{destination}: cannot be written ({e}); nothing was left there") from None
         raise
 
 
