@@ -141,8 +141,9 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
                       "or choose another output_dir=...")
 
 
-def plan_inputs(recipe, resume_dir: Optional[Path], precision):
-    """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing.
+def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
+    """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing. A resume
+    must have steps left to train (`changed`: the keys its overrides change).
 
     Returns:
         (tokenizer, the run's data (trainer.Datasets), checkpoint to resume from or None)
@@ -176,11 +177,28 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision):
         except (OSError, ValueError) as e:
             raise trainer.RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
                                    "checkpoint folder away to resume from the one before it") from None
-        problem = trainer.resume_problem(state, recipe, int(os.environ.get("WORLD_SIZE", "1")), precision,
-                                         resume_from)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        problem = (trainer.resume_problem(state, recipe, world_size, precision, resume_from)
+                   or nothing_left(resume_dir, state["step"], trainer.total_steps(recipe, len(data.train.samples),
+                                                                                  world_size), recipe, changed))
         if problem:
             raise trainer.RunError(problem)
     return tokenizer, data, resume_from
+
+
+def nothing_left(run: Path, done: int, total: int, recipe, changed: dict) -> Optional[str]:
+    """Why a resume would train no step (or None): a length at or below the steps done, or a finished run.
+    A run stopped after its last checkpoint but before its adapter was written still resumes, to write it."""
+    lengths = [f"{k}={new}" for k, (_, new) in changed.items() if k in ("train.max_steps", "train.epochs")]
+    longer = (f"To train longer: tuneport train --resume {shlex.quote(str(run))} "
+              + (f"train.max_steps={2 * max(done, total)}" if recipe.train.max_steps is not None
+                 else f"train.epochs={2 * recipe.train.epochs:g}"))
+    if done >= total and lengths:
+        return (f"--resume {run}: {' '.join(lengths)} makes {total} steps, at or below the {done} the run has done; "
+                f"nothing was changed. {longer}")
+    if done >= total and (run / "adapter").is_dir():
+        return f"--resume {run}: the run is complete ({done} of {total} steps, adapter written). {longer}"
+    return None
 
 
 NEW_RUN_FIX = "free disk space, or choose a writable output_dir=..."
@@ -288,7 +306,7 @@ def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
     try:
         action = folder_action(Path(recipe.output_dir), resume_dir is not None, demo)
         choice, precision = plan_device(recipe)
-        tokenizer, data, resume_from = plan_inputs(recipe, resume_dir, precision)
+        tokenizer, data, resume_from = plan_inputs(recipe, resume_dir, precision, changed)
     except BaseException:
         if lock:
             lock.release()

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -169,6 +170,30 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+def dotted_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe may set (`train.seed`, `method.r`, ...; the method keys of every method)."""
+    cls = cls or Recipe
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if cls is Recipe and f.name == "method":
+            keys += sorted({f"method.{k}" for name in METHODS for k in method_fields(name)})
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys += dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _suggestion(where: str, siblings: list[str], prefix: str) -> str:
+    """For an unknown key: the keys of the whole recipe with the same last part (`seed` -> `train.seed`), else
+    the closest dotted key (a typo), else the closest key beside it, else the keys beside it."""
+    keys, leaf = dotted_keys(), where.rpartition(".")[2]
+    close = ([k for k in keys if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(where, keys, n=1)
+             or [prefix + c for c in difflib.get_close_matches(leaf, siblings, n=1)])
+    return f"did you mean {' or '.join(close[:3])}?" if close else f"known keys: {', '.join(siblings)}"
+
+
 def _build(cls, values: dict, prefix: str, problems: list[str]):
     """Make dataclass `cls` from `values`, appending a problem for each unknown key or wrong type."""
     hints = typing.get_type_hints(cls)
@@ -177,9 +202,7 @@ def _build(cls, values: dict, prefix: str, problems: list[str]):
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(names)}"
-            problems.append(f"{where}: unknown key; {hint}")
+            problems.append(f"{where}: unknown key; {_suggestion(where, names, prefix)}")
         elif cls is Recipe and key == "method":
             if isinstance(value, dict):
                 kwargs[key] = _build_method(value, problems)
@@ -301,16 +324,31 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ())
             raise RecipeError(f"{name}: {where}invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(values, dict):
             raise RecipeError(f"{name}: expected a mapping of recipe keys at the top level")
+    overridden = []
     for text in overrides:
-        apply_override(values, *parse_override(text))
+        keys, value = parse_override(text)
+        apply_override(values, keys, value)
+        overridden.append(".".join(keys))
     problems: list[str] = []
     recipe = _build(Recipe, values, "", problems)
     problems += _check_values(recipe)
     if problems:
-        if len(problems) == 1:
-            raise RecipeError(f"{name}: {problems[0]}")
-        raise RecipeError(f"{name}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+        # Each problem starts with its field(s); one an override set is the command line's, not the file's.
+        sourced = [("command line" if _from(problem, overridden) else name, problem) for problem in problems]
+        sources = {source for source, _ in sourced}
+        if len(sources) == 1:
+            (source,) = sources
+            if len(problems) == 1:
+                raise RecipeError(f"{source}: {problems[0]}")
+            raise RecipeError(f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+        raise RecipeError(f"{len(problems)} problems:\n  " + "\n  ".join(f"{s}: {p}" for s, p in sourced))
     return recipe
+
+
+def _from(problem: str, keys: list[str]) -> bool:
+    """Whether `problem` ("train.lr: ...", "train.max_steps / train.epochs: ...") concerns one of `keys`."""
+    fields = re.split(r" / |, ", problem.partition(": ")[0])
+    return any(f == k or f.startswith(k + ".") or k.startswith(f + ".") for f in fields for k in keys)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -112,6 +112,12 @@ class AdaLoraConfig:
         if self.tinit >= max_steps - self.tfinal:
             return [f"method.tinit: {self.tinit} leaves no budgeting phase: it must be < train.max_steps - "
                     f"method.tfinal ({max_steps} - {self.tfinal}); lower tinit or tfinal"]
+        # peft scores importance at the steps before max_steps - tfinal (tuneport's steps count from 1) and sets
+        # the final budget from those scores at that step: with none before it, its mask_to_budget fails.
+        if max_steps - self.tfinal < 2:
+            return [f"method.tfinal: {self.tfinal} leaves no step to score importance before the final budget is set "
+                    f"at step {max_steps - self.tfinal}: train.max_steps - method.tfinal ({max_steps} - {self.tfinal}) "
+                    "must be at least 2; lower tfinal or raise train.max_steps"]
         return []
 
 

@@ -161,6 +161,12 @@ def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys, tmp_path):
     assert main(["train", DEMO, "method.name=adalora", "train.max_steps=100"]) == 2
     err = capsys.readouterr().err
     assert "method.tinit: 200 leaves no budgeting phase" in err and len(err.strip().splitlines()) == 1
+    # peft would set the final budget at step 1 with no importance scored before it (a KeyError in mask_to_budget)
+    assert main(["train", DEMO, "method.name=adalora", "method.tinit=0", "method.tfinal=1", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: command line: method.tfinal: 1 leaves no step to score importance before the final budget is set at "
+        "step 1: train.max_steps - method.tfinal (2 - 1) must be at least 2; lower tfinal or raise train.max_steps"]
     assert main(["train", DEMO, "method.name=adalora", "method.tinit=0", "deepspeed=builtin:deepspeed/zero2.json"]) == 2
     assert "adalora does not run under DeepSpeed" in capsys.readouterr().err
     assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "method.name=ia3",

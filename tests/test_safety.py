@@ -318,6 +318,44 @@ def test_impossible_numbers_in_a_recipe_are_one_line(tmp_path, capsys, override,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override,line", [
+    ("seed=-5", "error: command line: seed: unknown key; did you mean train.seed?"),
+    ("train.sed=3", "error: command line: train.sed: unknown key; did you mean train.seed?"),
+    ("method.lr=1e-4", "error: command line: method.lr: unknown key; did you mean train.lr?"),
+])
+def test_an_unknown_override_names_the_command_line_and_the_key_it_meant(tmp_path, capsys, override, line):
+    """Suggestions come from every dotted key of a recipe, not only the keys beside the unknown one; the value
+    came from the command line, so the command line is blamed, not the recipe file."""
+    assert main(["train", DEMO, f"output_dir={tmp_path / 'run'}", override]) == 2
+    assert error_line(capsys.readouterr().err) == line
+    assert not (tmp_path / "run").exists()
+
+
+def test_problems_from_the_file_and_the_command_line_each_name_their_source(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(resolve_path(DEMO).read_text().replace("lr: ", "lr: -", 1))
+    with pytest.raises(Exception) as caught:
+        load_recipe(recipe, ("seed=3",))
+    assert str(caught.value).splitlines() == [
+        "2 problems:", "  command line: seed: unknown key; did you mean train.seed?",
+        f"  {recipe}: train.lr: -0.003 must be > 0"]
+
+
+@pytest.mark.parametrize("extra,says", [(("train.max_steps=2",), "train.max_steps=2 makes 2 steps, at or below the 4"),
+                                         ((), "the run is complete (4 of 4 steps, adapter written)")],
+                         ids=["shorter", "finished"])
+def test_a_resume_with_nothing_left_to_train_is_refused_and_rewrites_nothing(tmp_path, capsys, extra, says):
+    out = tmp_path / "run"
+    assert main(["train", DEMO, f"output_dir={out}", *QUICK, "save.every=2"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), *extra]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --resume {out}: {says}")
+    assert line.endswith(f"To train longer: tuneport train --resume {out} train.max_steps=8")
+    assert snapshot(out) == before  # recipe.yaml still says max_steps 4; run.json records no resume
+
+
 # --- 6. one line, exit 2, nothing written ---------------------------------------------------------------
 def in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run `script` (sh) as root of a private user and mount namespace, skipping where that is not allowed."""
