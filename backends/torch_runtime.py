@@ -187,7 +187,7 @@ class TorchRuntime:
         peft_model = apply_method(model, method, self.family, quantize if method.name == "qlora" else None,
                                   self.recipe.train.max_steps)
         if checkpointing:  # after peft, which refuses prefix tuning on a checkpointing model (ours keeps the prefix)
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         if not METHODS[method.name].peft:
             return peft_model
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_dir.resolve())
@@ -471,6 +471,12 @@ def apply_method(model: nn.Module, method, family, quantize: Optional[Callable[[
                                     f"layers are {', '.join(family.linear_layers)}") from None
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing on a transformers model, by its current name: transformers 5.2x
+    deprecated `gradient_checkpointing_enable` for `activation_checkpointing_enable` (same behaviour)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 @contextmanager
 def bitsandbytes_hidden():
     """peft with bitsandbytes out of sight, for a run that quantizes nothing.
@@ -523,15 +529,18 @@ def load_tuned_model(base: Path, adapter: Optional[Path], backend="cpu", dtype=N
     if not (adapter / "adapter_config.json").exists():
         raise CheckpointError(f"--adapter {adapter}: not a tuned result; expected adapter_config.json (LoRA, QLoRA), "
                               f"{PREFIX_CONFIG} (P-tuning v2) or config.json (full fine-tune)")
-    from peft import PeftModel
+    with bitsandbytes_hidden():  # QLoRA's base is dequantized by bitsandbytes below, which imports it then
+        from peft import PeftModel
 
     trained_on = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or "?"
     model = load_model(base, backend, dtype=dtype, device_index=device_index)
-    if (adapter / QUANTIZED_BASE).is_file():
-        quantized = read_json(adapter / QUANTIZED_BASE)
-        dequantize_base_4bit(model, quantized["quant_type"], quantized["double_quant"])
+    quantized = (adapter / QUANTIZED_BASE).is_file()
+    if quantized:
+        settings = read_json(adapter / QUANTIZED_BASE)
+        dequantize_base_4bit(model, settings["quant_type"], settings["double_quant"])
     try:
-        return PeftModel.from_pretrained(model, str(adapter)).eval()
+        with nullcontext() if quantized else bitsandbytes_hidden():
+            return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError) as e:  # torch: size mismatch; peft: target layers missing in this model
         raise CheckpointError(f"--adapter {adapter}: does not fit the base model {base} "
                               f"({str(e).strip().splitlines()[-1].strip()[:200]}); pass the base it was tuned from "

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
 from .config import FRAMEWORKS
+from .quiet import hide_harmless_warnings
 from .rundir import FolderError
 from .signals import StartupGuard
 
@@ -734,10 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune large language models with one recipe on any accelerator (CPU, CUDA, Ascend NPU).",
     )
     parser.add_argument("--version", action="version", version=f"tuneport {package_version()}")
+    verbose = dict(action="store_true", help="also show third-party warnings known to be harmless (core/quiet.py)")
+    parser.add_argument("--verbose", **verbose)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)
+        command.add_argument("--verbose", **verbose, default=argparse.SUPPRESS)  # after the command too
         command.set_defaults(run=run)
     return parser
 
@@ -749,6 +753,8 @@ def main(argv: Optional[list[str]] = None, guard: Optional[StartupGuard] = None)
     guard = guard or StartupGuard()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if not args.verbose:
+        hide_harmless_warnings()
     # `key=value` overrides may come after options too (`train RECIPE --device cpu train.lr=1e-4`).
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]

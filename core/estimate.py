@@ -69,14 +69,14 @@ def _meta_model(family, config, method, compute, checkpointing: bool):
     import torch
 
     from ..backends.reference import REFERENCE_KERNELS, lean_swiglu
-    from ..backends.torch_runtime import apply_method
+    from ..backends.torch_runtime import apply_method, enable_checkpointing
 
     with torch.device("meta"):
         model = family.model_class(config).to(torch.float32 if method.name == "full" else compute)
         model.set_kernels(dataclasses.replace(REFERENCE_KERNELS, swiglu=lean_swiglu))  # as every torch backend's
         tuned = apply_method(model, method, family)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
     return tuned.train()
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import tuneport.backends
 
@@ -45,3 +46,24 @@ def test_installed_console_script(tmp_path):
     script = Path(sys.executable).parent / "tuneport"
     result = run([str(script), "--version"], tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("tuneport ")
+
+
+def tuneport(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """The console script's entry point in a fresh process (warnings are shown once per process)."""
+    return run([sys.executable, "-c", "import sys; from tuneport.core.entry import main; sys.exit(main())", *args],
+               tmp_path)
+
+
+def test_normal_output_carries_no_third_party_warning(tmp_path):
+    """`methods`, `estimate` and a demo run print tables and progress, not library warnings (the known-harmless
+    ones are filtered by message and category in core/quiet.py); `--verbose` shows them again."""
+    repo = Path(__file__).resolve().parents[1]
+    estimate = ["estimate", str(repo / "recipes" / "chatglm3_6b_lora.yaml"),
+                f"model={repo / 'tests' / 'golden' / 'chatglm3' / 'checkpoint'}"]
+    for args in (["methods"], estimate, ["demo", f"output_dir={tmp_path / 'demo'}", "train.max_steps=3"]):
+        result = tuneport(tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        noisy = [line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "warnings.warn" in line]
+        assert noisy == [], args
+    verbose = tuneport(tmp_path, "methods", "--verbose")
+    assert verbose.returncode == 0 and "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose.stderr
