@@ -567,15 +567,26 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier export")
     p.add_argument("--format", default="safetensors", help="safetensors (the official layout, default) | onnx "
                    "(one generation step with its KV cache, fp32)")
+    p.add_argument("--copy-code", action="store_true", help="also copy the base folder's release code files "
+                   "(modeling_chatglm.py, ...) whose sha256 is no published release's; engines started with "
+                   "--trust-remote-code run them")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import COPIED, SKIPPED, export
 
     record = export(Path(args.model), Path(args.adapter) if args.adapter else None, Path(args.out), args.dtype,
-                    args.overwrite, args.format)
+                    args.overwrite, args.format, args.copy_code)
     for name, digest in record["sha256"].items():
         print(f"{digest}  {Path(args.out) / name}")
+    for name, code in record["code"].items():
+        if code["action"] == SKIPPED:
+            print(f"skipped {Path(args.model) / name}: its sha256 {code['sha256'][:12]}... is no published release's "
+                  "that tuneport knows; engines started with --trust-remote-code would run it. If you trust it, "
+                  "export again with --copy-code")
+        elif code["action"] == COPIED:
+            print(f"copied {Path(args.model) / name} (--copy-code), which is no published release's: engines started "
+                  "with --trust-remote-code will run it")
     if "onnx_max_abs_diff" in record:
         print(f"onnx.checker: passed; onnxruntime against torch, largest logit difference: "
               f"{record['onnx_max_abs_diff']:.3g}")

@@ -34,13 +34,24 @@ FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 WRITE_FIX = "free disk space, or choose a writable --out"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-# The official release's code, copied when the base folder has it, so engines that load a ChatGLM3 folder
-# with trust_remote_code (the official demos, vLLM's tokenizer) read the export as they read the release.
-OFFICIAL_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
+# How the base folder's release code (its family's `release_code`) went into the export.
+RELEASE, COPIED, SKIPPED = "a published release's: copied", "copied (--copy-code)", "skipped"
+
+
+def release_code(model: Path, published: dict[str, frozenset[str]], copy_code: bool) -> dict[str, tuple[str, str]]:
+    """The base folder's release code files (engines that load the export with trust_remote_code run them)
+    and what export does with each: {name: (sha256, RELEASE | COPIED | SKIPPED)}. A file is copied when its
+    sha256 is a published version's, or with `copy_code`; any other file of the folder never is."""
+    found = {}
+    for name, versions in published.items():
+        if (model / name).is_file():
+            digest = file_sha256(model / name)
+            found[name] = digest, RELEASE if digest in versions else COPIED if copy_code else SKIPPED
+    return found
 
 
 def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32", overwrite: bool = False,
-           fmt: str = "safetensors") -> dict:
+           fmt: str = "safetensors", copy_code: bool = False) -> dict:
     """Merge `adapter` into the base checkpoint `model` and write the official layout to `out`.
 
     Args:
@@ -50,10 +61,12 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         dtype: the exported weights' dtype: fp32, bf16 or fp16.
         overwrite: replace `out` when it holds an earlier export (never another folder).
         fmt: "safetensors" (the official layout) or "onnx" (fp32 only).
+        copy_code: also copy release code files that are no published version (`release_code`).
 
     Returns:
         The export record (also written to `out/export.json`): sources, dtype, format, each file's
-        sha256, and for ONNX the largest difference from torch.
+        sha256, what became of the release code (`code`: {name: {"sha256", "action"}}), and for ONNX the
+        largest difference from torch.
 
     Raises:
         CheckpointError: a bad model or adapter, an unknown dtype, or an `out` that may not be replaced.
@@ -104,12 +117,15 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
             tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users (a container's, say)
             writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
             checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
-            for name in TOKENIZER_FILES + (OFFICIAL_CODE if fmt == "safetensors" else ()):
+            code = release_code(model, family.release_code, copy_code) if fmt == "safetensors" else {}
+            copied = [name for name, (_, action) in code.items() if action != SKIPPED]
+            for name in [*TOKENIZER_FILES, *copied]:
                 if (model / name).is_file():
                     shutil.copy(model / name, tmp / name)
             record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "model": str(model.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
                       "dtype": dtype, "format": fmt, **checks,
+                      "code": {name: {"sha256": digest, "action": action} for name, (digest, action) in code.items()},
                       "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
             (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
             if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete

@@ -141,6 +141,8 @@ class ModelFamily:
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
         save_official: (torch model, folder) -> None, the model in the family's official checkpoint
             layout (for `tuneport export`); optional.
+        release_code: the release's own code files that engines run with trust_remote_code: file name ->
+            the sha256 of each published version (`tuneport export` copies only those); optional.
         export_onnx: (torch model, file) -> None, the model as one ONNX generation step with its KV
             cache (the inputs and outputs of `tuneport.core.onnx_generate`), config.json beside; optional.
         load_config: (folder, **overrides) -> the validated config from config.json alone; optional.
@@ -165,6 +167,7 @@ class ModelFamily:
     builders: dict[str, tuple[Callable[[], Any], Callable[[Path], None]]] = field(default_factory=dict)
     convert: Optional[Callable[[Path, Path], None]] = None
     save_official: Optional[Callable[[Any, Path], None]] = None
+    release_code: dict[str, frozenset[str]] = field(default_factory=dict)
     export_onnx: Optional[Callable[[Any, Path], None]] = None
     chat: Optional[Callable[[], Any]] = None
     model_class: Optional[Callable[[Any], Any]] = None

@@ -3,6 +3,7 @@ checked against the golden vectors of the official implementation."""
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,11 @@ from safetensors.torch import load_file
 
 from tuneport.backends.torch_runtime import load_tuned_model
 from tuneport.core.cli import main
+from tuneport.core.data import file_sha256
+from tuneport.core.export import COPIED, RELEASE, SKIPPED, release_code
 from tuneport.models.chatglm3 import load_model
 from tuneport.models.chatglm3.builders import build_model_folder
+from tuneport.models.chatglm3.files import RELEASE_CODE
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 DEMO = "builtin:demo.yaml"
@@ -134,13 +138,43 @@ def test_qlora_export_matches_the_qlora_model(golden, datasets, tmp_path):
     assert (naive - qlora).abs().max() > 10 * (exported - qlora).abs().max()  # the dequantized base matters
 
 
-def test_the_releases_code_files_travel_with_the_export(golden, tmp_path):
-    """A release folder's `*_chatglm.py` (read by trust_remote_code loaders such as vLLM's tokenizer) is copied."""
+def test_only_a_published_releases_code_travels_with_the_export(golden, tmp_path, capsys):
+    """Engines that load an export with --trust-remote-code run its `*_chatglm.py`: a base folder's copy that is
+    no published release's (here, planted and modified) is skipped with one line each, unless --copy-code;
+    another .py file of the folder is never copied."""
     base = tmp_path / "release"
     shutil.copytree(golden / "checkpoint", base)
-    (base / "tokenization_chatglm.py").write_text("# the release's tokenizer code\n")
+    (base / "modeling_chatglm.py").write_text("import os\nos.system('echo planted')\n")
+    (base / "tokenization_chatglm.py").write_text("# a modified tokenizer\n")
+    (base / "helper.py").write_text("# not the release's\n")
     out = tmp_path / "merged"
     assert main(["export", "--model", str(base), "--out", str(out)]) == 0
-    assert (out / "tokenization_chatglm.py").read_text() == "# the release's tokenizer code\n"
-    assert "tokenization_chatglm.py" in json.loads((out / "export.json").read_text())["sha256"]
-    assert not (out / "modeling_chatglm.py").exists()  # only what the base folder has
+    printed = capsys.readouterr().out
+    for name in ("modeling_chatglm.py", "tokenization_chatglm.py"):
+        assert not (out / name).exists()
+        assert f"skipped {base / name}: its sha256 " in printed and "export again with --copy-code" in printed
+    record = json.loads((out / "export.json").read_text())
+    assert {n: c["action"] for n, c in record["code"].items()} == {"modeling_chatglm.py": SKIPPED,
+                                                                   "tokenization_chatglm.py": SKIPPED}
+    assert not (out / "helper.py").exists()
+
+    assert main(["export", "--model", str(base), "--out", str(out), "--overwrite", "--copy-code"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "modeling_chatglm.py").read_text() == (base / "modeling_chatglm.py").read_text()
+    assert f"copied {base / 'modeling_chatglm.py'} (--copy-code)" in printed and "will run it" in printed
+    assert "modeling_chatglm.py" in json.loads((out / "export.json").read_text())["sha256"]
+    assert not (out / "helper.py").exists()
+
+
+def test_release_code_is_copied_by_its_published_sha256(tmp_path):
+    """The rule on a table of published versions: equal sha256, copied; any other, skipped (copied with
+    copy_code). The real table (models/chatglm3/files.py) holds sha256 digests of the release's three files."""
+    (tmp_path / "tokenization_chatglm.py").write_text("# published\n")
+    (tmp_path / "modeling_chatglm.py").write_text("# changed\n")
+    published = {"tokenization_chatglm.py": frozenset({file_sha256(tmp_path / "tokenization_chatglm.py")}),
+                 "modeling_chatglm.py": frozenset({"0" * 64}), "configuration_chatglm.py": frozenset({"1" * 64})}
+    actions = {name: action for name, (_, action) in release_code(tmp_path, published, False).items()}
+    assert actions == {"tokenization_chatglm.py": RELEASE, "modeling_chatglm.py": SKIPPED}
+    assert release_code(tmp_path, published, True)["modeling_chatglm.py"][1] == COPIED
+    assert set(RELEASE_CODE) == {"configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"}
+    assert all(re.fullmatch("[0-9a-f]{64}", h) for hashes in RELEASE_CODE.values() for h in hashes)

@@ -24,7 +24,7 @@ def _export_onnx(model, path):
 def family() -> ModelFamily:
     from . import builders
     from .checkpoint import check_checkpoint, convert_to_safetensors, load_model, save_official
-    from .files import check_vocabulary, load_config, load_tokenizer
+    from .files import RELEASE_CODE, check_vocabulary, load_config, load_tokenizer
     from .config import chatglm3_6b_config
     from .model import ChatGLMForConditionalGeneration
 
@@ -45,6 +45,7 @@ def family() -> ModelFamily:
         builders={"demo": (lambda: builders.builder_config("demo"), builders.build_demo_folder)},
         convert=convert_to_safetensors,
         save_official=save_official,
+        release_code=RELEASE_CODE,
         export_onnx=_export_onnx,
         chat=lambda: import_module(".chat", __package__),
         model_class=ChatGLMForConditionalGeneration,

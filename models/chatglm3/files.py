@@ -34,6 +34,33 @@ OFFICIAL_AUTO_MAP = {
     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
 }
+# The release's own code files, by the sha256 of every version published in the history of
+# huggingface.co/THUDM/chatglm3-6b (its git history from 2023-10-25 to 2023-12-07, the revision the golden
+# vectors were made with). `tuneport export` copies such a file only when it is one of these versions: engines
+# started with --trust-remote-code run it. A later release is added here, one hash per version.
+RELEASE_CODE = {
+    "configuration_chatglm.py": frozenset({
+        "351ba435758670b27c160b7657c7ab1d32053c4e8c0606a5a9b8f9908249dec8",
+    }),
+    "modeling_chatglm.py": frozenset({
+        "440d89faea5c3ea47fd2778abde970008d170cacb743aafcaf822cdaa5627ee0",  # 2023-12-07
+        "a83673948c2825de9d1e640a8c10da973ac7aeb7717130123e6ee807b3a4b6ff",  # 2023-11-01
+        "5481b3a993faeb3b3e055e77fd9895444fb835adfce5db218a211c9d4fe63fa7",  # 2023-10-26 ...
+        "fc4192499e6f42001de4a1a1c35535779dec87cc35f53062c37523990aa99b76",
+        "d4005360e32379287e037b31a4dac8de690136b3578af72cd74b68cc613036b9",
+        "388dff98dcb84b35d60e416f2c3b2755eb3d064e21b78bc390e2df7f5f282bb0",
+        "f56e8f5b059b1c08746288fc2f2635482b219797873ee1117bc73f1e8fbf8104",
+        "67f09d3329992e35e1d45d677fdbfb4c72226662714eef4c8bb183e25c5b9fe5",
+        "49056a4642fc52cf39b3d24d6cfc7608e6d70a56b938c5fdcae4c369b235d797",  # 2023-10-25
+    }),
+    "tokenization_chatglm.py": frozenset({
+        "f3e7e26af20b222d107f888a3db305a1a25ea74c16952d36257e0e606d1780f6",  # 2023-12-07
+        "d3f11140fbb2761c84f77e4fe51638cb5225b696edf7ea0e7481486400ccc7fe",  # 2023-11-09
+        "ba3f783cd0ee0f8e2f52efe6753a782b9dafaa27293e0a561bed34b258d55d55",  # 2023-10-26 ...
+        "0f431d2a02aeef28b86b82701001948463f37ffdb25d434cf6664ba877392afb",
+        "3c17590ca405f716e0dadf416035fcd4be1da92e87e7c5a1f03b74ee8e6d28f2",  # 2023-10-25
+    }),
+}
 # Buffers the official checkpoints store that are recomputed from the config when absent.
 DERIVED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
 PREFIX_ENCODER = "transformer.prefix_encoder."
