@@ -14,6 +14,7 @@ DATA = REPO / "tests" / "data"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device(name): run only where the named backend is usable")
+    config.addinivalue_line("markers", "slow: a long test (a soak); CI runs it, `-m 'not slow'` leaves it out")
 
 
 def pytest_runtest_setup(item):

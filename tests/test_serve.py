@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -45,6 +46,13 @@ def free_port() -> int:
 @contextmanager
 def server(tmp_path: Path, *args: str):
     """`tuneport serve ARGS` on a free port until the block ends; yields (base URL, log file)."""
+    with serving(tmp_path, *args) as (url, log, _):
+        yield url, log
+
+
+@contextmanager
+def serving(tmp_path: Path, *args: str):
+    """As `server`, yielding (base URL, log file, the server's process)."""
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
     env = {k: v for k, v in os.environ.items() if k != "TUNEPORT_API_KEY"}
@@ -65,7 +73,7 @@ def server(tmp_path: Path, *args: str):
                 pass
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        yield url, log
+        yield url, log, process
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -315,3 +323,50 @@ def test_tool_call_round_trip_with_a_model_trained_to_call_a_tool(tmp_path):
         plain = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "Who are you?"}],
                                           temperature=0)
         assert plain.choices[0].message.content == "I am a tuned demo model." and not plain.choices[0].message.tool_calls
+
+
+def resident_bytes(pid: int) -> int:
+    """The resident memory of process `pid` (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def ask(url: str, i: int) -> tuple[int, Optional[str]]:
+    """One short chat request (prompts of several lengths, 6 new tokens): (status, its Retry-After header)."""
+    prompt = PROMPTS[i % len(PROMPTS)] * (1 + i % 5)
+    body = json.dumps({"model": "checkpoint", "messages": [{"role": "user", "content": prompt}], "max_tokens": 6,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            json.loads(r.read())
+            return r.status, None
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code, e.headers.get("Retry-After")
+
+
+@pytest.mark.slow
+def test_a_soak_of_700_requests_keeps_memory_flat_and_every_answer_200_or_503(golden, tmp_path):
+    """500 sequential then 200 concurrent requests (32 at a time against a queue of 4), all on localhost and
+    bounded: resident memory after them is within 5% of resident memory after the first 50, and every
+    response is a 200 or a 503 that says when to retry."""
+    with serving(tmp_path, "--model", str(golden / "checkpoint"), "--device", "cpu", "--api-key", KEY,
+                 "--max-queue", "4") as (url, log, process):
+        statuses = [ask(url, i) for i in range(50)]
+        warm = resident_bytes(process.pid)
+        statuses += [ask(url, i) for i in range(50, 500)]
+        assert {status for status, _ in statuses} == {200}  # one at a time never waits past the queue
+        with ThreadPoolExecutor(32) as pool:
+            burst = list(pool.map(lambda i: ask(url, i), range(500, 700)))
+        after = resident_bytes(process.pid)
+        assert process.poll() is None, log.read_text()[-3000:]
+    assert all(status == 200 or (status == 503 and retry == "1") for status, retry in burst), burst
+    assert sum(status == 200 for status, _ in burst) >= 1 + 4  # at least the running request and a full queue
+    print(f"resident memory: {warm / 2**20:.1f} MiB after 50 requests, {after / 2**20:.1f} MiB after 700 "
+          f"({after / warm - 1:+.2%}); the burst: {sum(s == 200 for s, _ in burst)} answered, "
+          f"{sum(s == 503 for s, _ in burst)} told to retry")
+    assert abs(after / warm - 1) <= 0.05
