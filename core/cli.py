@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional
 from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
 from .config import FRAMEWORKS
 from .quiet import hide_harmless_warnings
-from .rundir import FolderError
+from .checkpoints import write_failure
+from .rundir import FolderError, check_writable, writing
 from .signals import StartupGuard
 
 DEMO_RECIPE = "builtin:demo.yaml"
@@ -123,7 +124,7 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
     """
     from . import checkpoints
     from .config import RecipeError, load_recipe
-    from .rundir import check_usable, check_writable, is_run_folder
+    from .rundir import check_usable, is_run_folder
 
     if resume:
         return "resume"
@@ -206,8 +207,6 @@ NEW_RUN_FIX = "free disk space, or choose a writable output_dir=..."
 
 
 def cannot_write(folder: Path, e: OSError) -> FolderError:
-    from .checkpoints import write_failure
-
     return FolderError(f"output_dir {folder}: cannot be written ({write_failure(e)}); nothing of this run was kept; "
                        f"{NEW_RUN_FIX}")
 
@@ -217,7 +216,6 @@ def train_write_error(e: BaseException, output_dir: Path, resumable: bool) -> Op
     the demo's base model, metrics.jsonl, TensorBoard events, run.json, loss.png. A run that can continue
     (it had started training, or was a resume) names its newest checkpoint and --resume; a new run that
     never started has been removed, and is started again."""
-    from .checkpoints import write_failure
     from .trainer import resume_hint
 
     reason = write_failure(e) if isinstance(e, Exception) and not isinstance(e, expected_errors()) else None
@@ -235,7 +233,6 @@ def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Ca
         The folder's lock, held until the run ends.
     """
     from . import rundir, trainer
-    from .checkpoints import write_failure
 
     created, was_run_folder = not output_dir.exists(), rundir.is_run_folder(output_dir)
     try:
@@ -545,8 +542,6 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from ..models import CheckpointError, family_for
 
-    from .rundir import check_writable, writing
-
     family = family_for(Path(args.source))
     if family.convert is None:
         raise CheckpointError(f"{args.source}: converting {family.model_type} checkpoints is not supported")
@@ -784,7 +779,6 @@ def main(argv: Optional[list[str]] = None, guard: Optional[StartupGuard] = None)
 def report(e: BaseException, guard: StartupGuard) -> int:
     """The exit status for an exception that ended a command, after printing its one `error:` line;
     re-raises what is a bug (a traceback is for bugs)."""
-    from .checkpoints import write_failure
     from .trainer import Diverged, Stopped
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # collective outcomes are reported once

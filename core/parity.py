@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import FRAMEWORKS
+from .rundir import FolderError, check_writable, writing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -481,8 +482,6 @@ def _is_reference(file: Path) -> bool:
 
 def _unwritable(path: Path, output: str, fix: str) -> list[str]:
     """[the problem] when `path` cannot be written (checked before either side runs), else []."""
-    from .rundir import FolderError, check_writable
-
     try:
         check_writable(path, output, fix)
     except FolderError as e:
@@ -734,8 +733,6 @@ def run_parity(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..models import CheckpointError, family_for
-
-    from .rundir import writing
 
     problems: list[str] = []
     side_a, side_b = _sides(args, problems)
