@@ -456,6 +456,12 @@ def test_convert_to_a_full_disk(golden, tmp_path):
 
 
 def test_eval_into_a_read_only_folder_stops_before_generating(golden, tmp_path):
+    from tuneport.core.metrics import MissingDependency, check_libraries
+
+    try:
+        check_libraries()
+    except MissingDependency as e:
+        pytest.skip(f"the eval extra is not installed ({e})")
     disk = tmp_path / "disk"
     data = tmp_path / "dev.jsonl"
     data.write_text(json.dumps({"content": "类型#裤", "summary": "宽松的裤子"}, ensure_ascii=False) + "\n")

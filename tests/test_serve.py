@@ -333,7 +333,7 @@ def resident_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-def ask(url: str, i: int) -> tuple[int, Optional[str]]:
+def request_once(url: str, i: int) -> tuple[int, Optional[str]]:
     """One short chat request (prompts of several lengths, 6 new tokens): (status, its Retry-After header)."""
     prompt = PROMPTS[i % len(PROMPTS)] * (1 + i % 5)
     body = json.dumps({"model": "checkpoint", "messages": [{"role": "user", "content": prompt}], "max_tokens": 6,
@@ -356,12 +356,12 @@ def test_a_soak_of_700_requests_keeps_memory_flat_and_every_answer_200_or_503(go
     response is a 200 or a 503 that says when to retry."""
     with serving(tmp_path, "--model", str(golden / "checkpoint"), "--device", "cpu", "--api-key", KEY,
                  "--max-queue", "4") as (url, log, process):
-        statuses = [ask(url, i) for i in range(50)]
+        statuses = [request_once(url, i) for i in range(50)]
         warm = resident_bytes(process.pid)
-        statuses += [ask(url, i) for i in range(50, 500)]
+        statuses += [request_once(url, i) for i in range(50, 500)]
         assert {status for status, _ in statuses} == {200}  # one at a time never waits past the queue
         with ThreadPoolExecutor(32) as pool:
-            burst = list(pool.map(lambda i: ask(url, i), range(500, 700)))
+            burst = list(pool.map(lambda i: request_once(url, i), range(500, 700)))
         after = resident_bytes(process.pid)
         assert process.poll() is None, log.read_text()[-3000:]
     assert all(status == 200 or (status == 503 and retry == "1") for status, retry in burst), burst
