@@ -104,6 +104,21 @@ def pick_backend(name: str) -> tuple[str, Backend]:
     return "cpu", get_backend("cpu")
 
 
+def open_backend(name: str) -> tuple[str, Backend, int]:
+    """The device a command runs on, ready: picked as `pick_backend` does, then set up (the Backend
+    protocol's first call, before any tensor is made).
+
+    Returns:
+        (the chosen name, e.g. "npu:1"; the backend; the device index its ":N" names, 0 by default).
+
+    Raises:
+        ValueError, BackendUnavailable: as `get_backend`.
+    """
+    chosen, backend = pick_backend(name)
+    backend.setup()
+    return chosen, backend, int(chosen.partition(":")[2] or 0)
+
+
 __all__ = [
     "Backend",
     "BackendUnavailable",
@@ -113,6 +128,7 @@ __all__ = [
     "available_backends",
     "doctor_lines",
     "get_backend",
+    "open_backend",
     "pick_backend",
     "register_backend",
 ]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.checkpoints import torch_save
-from ..core.config import Recipe, resolve_path
+from ..core.config import DTYPES as CONFIG_DTYPES, Recipe, resolve_path
 from ..core.methods import METHODS, decays, model_overrides
 from ..core.distributed import Dist
 from ..core.precision import PrecisionPlan
@@ -33,7 +33,7 @@ from .base import Backend, MemoryStats, MethodUnavailable
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(CONFIG_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))  # config.DTYPES as torch's
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 QUANTIZED_BASE = "tuneport_quantized_base.json"  # in a QLoRA adapter: how its base was quantized

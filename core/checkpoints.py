@@ -2,7 +2,8 @@
 
 `output_dir/checkpoints/step-N/` appears only complete: it is written as `.step-N.tmp` and renamed
 in one step, so a process killed mid-write leaves the previous checkpoint as the newest complete one
-(the unfinished temporary folder is removed on the next start).
+(the unfinished temporary folder is removed on the next start). `atomic_folder` does the same for every
+other folder tuneport writes whole: the adapter, an export, a converted checkpoint, the demo's base model.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -69,6 +72,26 @@ def publish(tmp: Path, final: Path) -> None:
     if final.exists():  # rewriting the same step (a resumed run passing it again)
         shutil.rmtree(final)
     os.rename(tmp, final)
+
+
+@contextmanager
+def atomic_folder(final: Path, temporary: Optional[Path] = None) -> Iterator[Path]:
+    """A folder that appears only complete. Yields an empty temporary folder beside `final` (`temporary`, or
+    a new `.NAME.XXXX.tmp`, readable by all as a finished folder is); when the block ends, it is synced and
+    renamed to `final`, replacing an earlier one (the caller decides whether that may be replaced); when the
+    block fails, it is removed and `final` is as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if temporary is None:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        temporary.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users (a container's, say)
+    else:
+        reset_dir(temporary)
+    try:
+        yield temporary
+        publish(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def write_state(folder: Path, state: dict) -> None:

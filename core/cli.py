@@ -15,7 +15,6 @@ import shlex
 import signal
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -26,16 +25,10 @@ from .quiet import hide_harmless_warnings
 from .checkpoints import write_failure
 from .rundir import FolderError, check_writable, writing
 from .signals import StartupGuard
+from .versions import tuneport_version
 
 DEMO_RECIPE = "builtin:demo.yaml"
 log = logging.getLogger("tuneport")
-
-
-def package_version() -> str:
-    try:
-        return version("tuneport")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -326,6 +319,8 @@ def prepare_run(plan: RunPlan, guard: StartupGuard):
                                 process_group_alone=bool(plan.recipe.deepspeed))
     else:
         dist = Dist()
+    if dist.world_size == 1:  # one process: the device the name picks (`--device npu:1`); a job's, by local rank
+        dist = dataclasses.replace(dist, local_rank=int(plan.choice.device_name.partition(":")[2] or 0))
     backend.set_device(dist.local_rank)
 
     def claim() -> None:
@@ -470,7 +465,7 @@ def run_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..backends import pick_backend
+    from ..backends import open_backend
     from ..models import family_for
 
     from ..backends.torch_runtime import load_tuned_model
@@ -479,13 +474,12 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
     try:
-        name, backend = pick_backend(args.device)
+        _, backend, index = open_backend(args.device)
     except ValueError as e:
         raise RunError(f"--device: {e}") from None
     family = family_for(Path(args.model))
     tokenizer = family.load_tokenizer(args.model)
     family.check_vocabulary(tokenizer, family.check_checkpoint(args.model)[0], args.model, args.model)
-    index = int(name.partition(":")[2] or 0)
     model = load_tuned_model(Path(args.model), Path(args.adapter) if args.adapter else None, backend,
                              device_index=index)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -740,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tuneport",
         description="Fine-tune large language models with one recipe on any accelerator (CPU, CUDA, Ascend NPU).",
     )
-    parser.add_argument("--version", action="version", version=f"tuneport {package_version()}")
+    parser.add_argument("--version", action="version", version=f"tuneport {tuneport_version()}")
     verbose = dict(action="store_true", help="also show third-party warnings known to be harmless (core/quiet.py)")
     parser.add_argument("--verbose", **verbose)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -26,7 +26,8 @@ from .methods import METHODS, AdaLoraConfig, LoraConfig, MethodConfig, foreign_d
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16")  # the compute and weight dtypes every command names (torch's: torch_runtime.DTYPES)
+PRECISIONS = ("auto", *DTYPES)
 FRAMEWORKS = ("torch", "mindspore")
 BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
 

@@ -7,7 +7,8 @@ import os
 import platform
 import sys
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
+
+from .versions import installed
 
 ENV_VARS = (
     "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "PYTORCH_NPU_ALLOC_CONF", "TORCH_DEVICE_BACKEND_AUTOLOAD",
@@ -16,10 +17,7 @@ ENV_VARS = (
 
 
 def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+    return installed(name) or "not installed"
 
 
 def _gib(n: int) -> str:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .config import DTYPES
 from .rundir import FolderError, atomic_write_text, check_writable, writing
+from .versions import tuneport_version
 
 EVAL_RECORD = "eval.json"
 PREDICTIONS = "predictions.jsonl"
 WRITE_FIX = "free disk space, or choose a writable --out"
-DTYPES = ("fp32", "bf16", "fp16")
 # The official fine-tuning demo's lengths (configs/lora.yaml: 256 input tokens; 512 output tokens, and
 # generation_config.max_new_tokens 512), as the recipes' defaults.
 MAX_INPUT_LENGTH = 256
@@ -273,9 +274,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """`tuneport eval`: check the arguments, the output folder and the dev file (before loading a
     framework), then generate, score, write eval.json and predictions.jsonl, and print the table."""
-    from ..backends import pick_backend
+    from ..backends import open_backend
     from ..models import family_for
-    from .cli import package_version
     from .config import resolve_path
     from .data import file_sha256
     from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
@@ -293,7 +293,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_writable(out, f"--out {out}", WRITE_FIX)  # before anything is generated
     samples, fmt, records = read_dev_set(data, args.format, args.limit)
     try:
-        device_name, backend = pick_backend(args.device)
+        device_name, backend, index = open_backend(args.device)
     except ValueError as e:
         raise RunError(f"--device: {e}") from None
     family = family_for(model_dir)
@@ -306,9 +306,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..backends.torch_runtime import DTYPES as TORCH_DTYPES, load_tuned_model
 
-    backend.setup()
-    model = load_tuned_model(model_dir, adapter, backend, dtype=TORCH_DTYPES[args.dtype],
-                             device_index=int(device_name.partition(":")[2] or 0)).eval()
+    model = load_tuned_model(model_dir, adapter, backend, dtype=TORCH_DTYPES[args.dtype], device_index=index).eval()
     began = time.time()
     replies = generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
                                args.max_new_tokens, args.batch_size, progress=True)
@@ -318,7 +316,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = generation_metrics(predictions, references)
 
     record: dict[str, Any] = {
-        "tool": "tuneport", "version": package_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tool": "tuneport", "version": tuneport_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": str(model_dir.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
         "data": {"file": str(data.resolve()), "sha256": file_sha256(data), "format": fmt, "records": records,
                  "samples": len(samples)},

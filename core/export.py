@@ -16,20 +16,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 from ..models import CheckpointError, family_for
+from .config import DTYPES
 from .data import file_sha256
 from .onnx_generate import MODEL_FILE, empty_cache, onnx_generate, open_session, step
+from .checkpoints import atomic_folder
 from .rundir import check_writable, writing
 
 __all__ = ["export", "onnx_generate", "compare_onnx"]
 
 EXPORT_RECORD = "export.json"
-DTYPES = ("fp32", "bf16", "fp16")
 FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 WRITE_FIX = "free disk space, or choose a writable --out"
@@ -73,7 +73,8 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     """
     import torch
 
-    from ..backends.torch_runtime import load_tuned_model
+    from ..backends import open_backend
+    from ..backends.torch_runtime import DTYPES as TORCH_DTYPES, load_tuned_model
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
@@ -100,7 +101,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     writer = family.save_official if fmt == "safetensors" else family.export_onnx
     if writer is None:
         raise CheckpointError(f"{model}: exporting {family.model_type} models as {fmt} is not supported")
-    tuned = load_tuned_model(model, adapter, "cpu", dtype=torch.float32)
+    tuned = load_tuned_model(model, adapter, open_backend("cpu")[1], dtype=torch.float32)
     peft_config = getattr(tuned, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         raise CheckpointError(f"--adapter {adapter}: a {peft_config.peft_type.value} adapter adds virtual tokens and "
@@ -108,32 +109,23 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
                               f"{model} --adapter {adapter}")
     if hasattr(tuned, "merge_and_unload"):  # a peft model that merges: LoRA, DoRA, AdaLoRA, IA3
         tuned = tuned.merge_and_unload()
-    tuned = tuned.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    tuned = tuned.to(TORCH_DTYPES[dtype])
 
-    with writing(f"--out {out}", kept, WRITE_FIX):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users (a container's, say)
-            writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
-            checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
-            code = release_code(model, family.release_code, copy_code) if fmt == "safetensors" else {}
-            copied = [name for name, (_, action) in code.items() if action != SKIPPED]
-            for name in [*TOKENIZER_FILES, *copied]:
-                if (model / name).is_file():
-                    shutil.copy(model / name, tmp / name)
-            record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "model": str(model.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
-                      "dtype": dtype, "format": fmt, **checks,
-                      "code": {name: {"sha256": digest, "action": action} for name, (digest, action) in code.items()},
-                      "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
-            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-            if out.exists():  # an earlier export (checked above): replaced only now that the new one is complete
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    # An earlier export (checked above) is replaced only once the new one is complete.
+    with writing(f"--out {out}", kept, WRITE_FIX), atomic_folder(out) as tmp:
+        writer(tuned, tmp if fmt == "safetensors" else tmp / MODEL_FILE)
+        checks = compare_onnx(tuned, tmp) if fmt == "onnx" else {}
+        code = release_code(model, family.release_code, copy_code) if fmt == "safetensors" else {}
+        copied = [name for name, (_, action) in code.items() if action != SKIPPED]
+        for name in [*TOKENIZER_FILES, *copied]:
+            if (model / name).is_file():
+                shutil.copy(model / name, tmp / name)
+        record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "model": str(model.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
+                  "dtype": dtype, "format": fmt, **checks,
+                  "code": {name: {"sha256": digest, "action": action} for name, (digest, action) in code.items()},
+                  "sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     return record
 
 

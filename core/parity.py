@@ -69,8 +69,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .config import FRAMEWORKS
+from .config import DTYPES, FRAMEWORKS
 from .rundir import FolderError, check_writable, writing
+from .versions import installed, tuneport_version
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +79,6 @@ if TYPE_CHECKING:
 HELP = ("compare one batch forward and backward on two devices, frameworks or precisions, block by block "
         "(exit 1 when a row drifts past its dtype's tolerance)")
 
-DTYPES = ("fp32", "bf16", "fp16")
 PRECISION_RANK = {"fp32": 0, "fp16": 1, "bf16": 2}  # a higher rank rounds more coarsely
 # Tolerances (the reasoning and the measurements behind them are in the module docstring): fp32 a flat
 # relative error; bf16 and fp16 so many unit roundoffs times sqrt(blocks gone through + 1).
@@ -393,18 +393,12 @@ def batch_identity(batch: dict, source: str) -> dict:
 
 def versions(side: Side) -> dict:
     """Versions of what computed a side (read from package metadata: nothing is imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .cli import package_version
-
-    found = {"tuneport": package_version()}
+    found = {"tuneport": tuneport_version()}
     names = [side.framework] + (["torch_npu", "torch-npu"] if side.framework == "torch" and
                                 side.device.startswith("npu") else [])
     for name in names:
-        try:
-            found[name.replace("-", "_")] = version(name)
-        except PackageNotFoundError:
-            pass
+        if installed(name):
+            found[name.replace("-", "_")] = installed(name)
     return found
 
 

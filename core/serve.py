@@ -281,6 +281,28 @@ class Reply:
 
 
 # --- the web application ----------------------------------------------------------------------------------
+class Admission:
+    """Who may wait for the one model thread: the running request and up to `max_queue` behind it; past that,
+    a request is refused with 503. Admitted on the event loop, released from the worker's callback."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.pending = 0  # admitted and not finished: the running one plus the queue
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Take a place, or raise ApiError 503 (`Retry-After`) when the queue is full."""
+        with self._lock:
+            if self.pending > self.max_queue:
+                raise ApiError(503, f"the server is busy: {self.max_queue} requests are waiting (--max-queue); "
+                                    "retry later", code="queue_full")
+            self.pending += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.pending -= 1
+
+
 def create_app(engine: Engine, api_key: Optional[str]):
     """The FastAPI application serving `engine`; `api_key`, when given, is required of every request."""
     from fastapi import FastAPI, Request
@@ -289,8 +311,8 @@ def create_app(engine: Engine, api_key: Optional[str]):
 
     app = FastAPI(title="tuneport", docs_url=None, redoc_url=None, openapi_url=None)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneport-model")
-    state = {"pending": 0}  # requests admitted and not finished: the running one plus the queue
     limits = engine.limits
+    admission = Admission(limits.max_queue)
 
     def too_big() -> ApiError:
         return ApiError(413, f"the request is larger than {limits.max_request_bytes} bytes, the most this server "
@@ -335,7 +357,7 @@ def create_app(engine: Engine, api_key: Optional[str]):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "pending": state["pending"]}
+        return {"status": "ok", "model": engine.name, "pending": admission.pending}
 
     @app.get("/v1/models")
     async def models():
@@ -351,12 +373,9 @@ def create_app(engine: Engine, api_key: Optional[str]):
     async def chat_completions(request: Request):
         try:
             job = engine.parse(await read_body(request))
-            if state["pending"] > limits.max_queue:
-                raise ApiError(503, f"the server is busy: {limits.max_queue} requests are waiting (--max-queue); "
-                                    "retry later", code="queue_full")
+            admission.admit()
         except ApiError as e:
             return error(e, request)
-        state["pending"] += 1
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
         events: asyncio.Queue = asyncio.Queue()
@@ -365,7 +384,7 @@ def create_app(engine: Engine, api_key: Optional[str]):
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         def finished(future) -> None:
-            state["pending"] -= 1
+            admission.release()
             put(("done", future))
 
         emit = (lambda delta: put(("delta", delta))) if job.stream else (lambda delta: None)
@@ -448,7 +467,7 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     """
     import importlib.util
 
-    from ..backends import pick_backend
+    from ..backends import open_backend
     from ..backends.torch_runtime import load_tuned_model
     from ..models import family_for
     from .trainer import RunError
@@ -465,13 +484,13 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     if family.chat is None:
         raise RunError(f"{model}: serving {family.model_type} models is not supported")
     try:
-        device_name, backend = pick_backend(device)
+        device_name, backend, index = open_backend(device)
     except ValueError as e:
         raise RunError(f"--device: {e}") from None
     tokenizer = family.load_tokenizer(model)
     config = family.check_checkpoint(model)[0]
     family.check_vocabulary(tokenizer, config, model, model)
-    tuned = load_tuned_model(model, adapter, backend, device_index=int(device_name.partition(":")[2] or 0))
+    tuned = load_tuned_model(model, adapter, backend, device_index=index)
     if hasattr(tuned, "merge_and_unload"):  # LoRA folded into the weights: the same answers, faster
         tuned = tuned.merge_and_unload()
     tuned.eval()

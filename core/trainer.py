@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -33,6 +32,7 @@ from .config import Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
 from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
+from .versions import installed
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +285,8 @@ def plot_loss(records: list[dict], path: Path) -> None:
 
 
 def package_versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in ("tuneport", "torch", "transformers", "peft", "safetensors", "numpy", "mindspore", "deepspeed"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    names = ("tuneport", "torch", "transformers", "peft", "safetensors", "numpy", "mindspore", "deepspeed")
+    return {"python": platform.python_version(), **{name: installed(name) for name in names}}
 
 
 def run_record(recipe: Recipe, backend, precision, model_dir: Path) -> dict:
@@ -612,17 +607,14 @@ def train(
     if not dist.is_main:
         return []
     try:
-        shutil.rmtree(output_dir / "adapter.tmp", ignore_errors=True)
-        runtime.save_adapter(output_dir / "adapter.tmp")
+        with checkpoints.atomic_folder(output_dir / "adapter", output_dir / "adapter.tmp") as tmp:
+            runtime.save_adapter(tmp)
     except Exception as e:
         reason = checkpoints.write_failure(e)
         if reason is None:
             raise
-        shutil.rmtree(output_dir / "adapter.tmp", ignore_errors=True)
         raise RunError(f"output_dir {output_dir}: the tuned adapter could not be written ({reason}); "
                        + resume_hint(output_dir)) from None
-    shutil.rmtree(output_dir / "adapter", ignore_errors=True)
-    (output_dir / "adapter.tmp").rename(output_dir / "adapter")
     records = metrics.records()
     plot_loss(records, output_dir / "loss.png")
     baseline = read_run_json(output_dir).get("baseline")

@@ -189,3 +189,62 @@ def test_the_framework_names_recipes_check_are_the_registrys():
     from tuneport.core.runtime import FRAMEWORKS as REGISTRY
 
     assert tuple(REGISTRY) == FRAMEWORKS
+
+
+class RecordingBackend(CPUBackend):
+    """A throwaway device: the CPU, recording the calls a command makes on it, in order (setup, the device
+    indices it asks for, set_device)."""
+
+    name = "recording"
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def setup(self) -> None:
+        self.calls.append("setup")
+        super().setup()
+
+    def device(self, index: int = 0):
+        self.calls.append(f"device {index}")
+        return super().device(index)
+
+    def set_device(self, index: int) -> None:
+        self.calls.append(f"set_device {index}")
+
+
+@pytest.fixture
+def recording_backend():
+    calls = []
+    register_backend("recording", lambda: RecordingBackend(calls))
+    yield calls
+    backends._BACKENDS.pop("recording")
+
+
+def test_train_on_device_1_of_a_named_device_uses_device_1(recording_backend, tmp_path):
+    """`--device NAME:1` in one process trains on device 1 (the index was dropped before: device 0)."""
+    assert main(["train", DEMO, "--device", "recording:1", "train.max_steps=1", f"output_dir={tmp_path / 'run'}"]) == 0
+    assert recording_backend[0] == "setup"
+    assert "set_device 1" in recording_backend
+    used = {c for c in recording_backend if c.startswith("device ")}
+    assert used == {"device 1"}, used
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "export"])
+def test_every_command_sets_its_device_up_before_using_it(recording_backend, golden, tmp_path, command, monkeypatch):
+    """The Backend protocol's first call is setup(); chat (and serve, which opens its device the same way)
+    skipped it before."""
+    model = ["--model", str(golden / "checkpoint")]
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"content": "类型#裤", "summary": "宽松"}, ensure_ascii=False) + "\n")
+    if command == "export":  # export merges on the CPU: the CPU backend is the one it opens
+        monkeypatch.setitem(backends._BACKENDS, "cpu", backends._BACKENDS["recording"])
+    if command == "eval":
+        pytest.importorskip("jieba", reason="the eval extra is not installed: pip install -e '.[eval]'")
+    args = {"chat": ["chat", *model, "--prompt", "hi", "--max-new-tokens", "2", "--device", "recording:1"],
+            "eval": ["eval", *model, "--data", str(data), "--max-new-tokens", "2", "--device", "recording:1",
+                     "--out", str(tmp_path / "eval")],
+            "export": ["export", *model, "--out", str(tmp_path / "export")]}[command]
+    assert main(args) == 0
+    assert recording_backend[0] == "setup"
+    assert {c for c in recording_backend if c.startswith("device ")} == ({"device 0"} if command == "export"
+                                                                         else {"device 1"})

@@ -618,3 +618,22 @@ def test_a_pickle_adapter_that_would_run_code_is_refused_in_one_line(golden, tmp
     assert error_line(err).startswith(f"error: {adapter / 'adapter_model.bin'}: refused: loading this pickle file "
                                       "would call posix.system;")
     assert "weights_only" not in err and not marker.exists()
+
+
+def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    """The one helper behind the adapter, exports, converted checkpoints and the demo's base model: a failure
+    inside leaves the earlier folder as it was and no temporary folder; success replaces it in one rename."""
+    from tuneport.core.checkpoints import atomic_folder
+
+    final = tmp_path / "adapter"
+    final.mkdir()
+    (final / "weights").write_text("earlier")
+    with pytest.raises(OSError):
+        with atomic_folder(final) as tmp:
+            (tmp / "weights").write_text("half")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (final / "weights").read_text() == "earlier"
+    with atomic_folder(final, tmp_path / "adapter.tmp") as tmp:
+        assert tmp == tmp_path / "adapter.tmp" and not any(tmp.iterdir())
+        (tmp / "weights").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (final / "weights").read_text() == "new"

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tuneport.core.cli import main
-from tuneport.core.serve import Reply, is_local
+from tuneport.core.serve import Admission, ApiError, Reply, is_local
 from tuneport.models.chatglm3 import chat
 from tuneport.models.chatglm3 import load_model
 from tuneport.models.chatglm3.builders import build_model_folder
@@ -370,3 +370,15 @@ def test_a_soak_of_700_requests_keeps_memory_flat_and_every_answer_200_or_503(go
           f"({after / warm - 1:+.2%}); the burst: {sum(s == 200 for s, _ in burst)} answered, "
           f"{sum(s == 503 for s, _ in burst)} told to retry")
     assert abs(after / warm - 1) <= 0.05
+
+
+def test_admission_takes_the_running_request_and_a_full_queue_then_refuses_until_one_finishes():
+    admission = Admission(max_queue=2)
+    for _ in range(3):  # the running one and two waiting
+        admission.admit()
+    with pytest.raises(ApiError) as refused:
+        admission.admit()
+    assert refused.value.status == 503 and "--max-queue" in refused.value.message
+    admission.release()
+    admission.admit()
+    assert admission.pending == 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ...core.checkpoints import atomic_folder
 from .files import load_tokenizer
 from .config import chatglm3_tiny_config
 from .model import ChatGLMForConditionalGeneration
@@ -50,9 +51,8 @@ def build_model_folder(name: str, folder: Path) -> None:
     torch.manual_seed(0)  # the base model is fixed; a recipe's seed varies only the tuning
     model = ChatGLMForConditionalGeneration(config)
     torch.set_rng_state(generator_state)
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # `.base_model.tmp` by name: a run folder lists it as its own, so a killed start's is removed afresh
+    with atomic_folder(folder, folder.parent / f".{folder.name}.tmp") as tmp:
         # The files `model.save_pretrained(tmp)` writes, byte for byte, written without it: its unwrap_model goes
         # through accelerate, which imports DeepSpeed wherever it is installed (a quarter second and its
         # accelerator warning on every demo).
@@ -61,10 +61,6 @@ def build_model_folder(name: str, folder: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         save_file(model.state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(tokenizer_file, tmp / "tokenizer.model")
-        tmp.rename(folder)
-    except BaseException:  # a full disk, say: no half-written folder stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_demo_folder(folder: Path) -> None:

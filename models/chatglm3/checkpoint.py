@@ -5,10 +5,8 @@ pickle), tokenizer.model. Only files are read; no code from the folder runs and 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...backends import Backend, get_backend
+from ...core.checkpoints import atomic_folder
 from .. import CheckpointError, refused_pickle
 from .config import ChatGLM3Config
 from .files import PREFIX_ENCODER, load_config, match_weights, official_config, weight_files
@@ -183,9 +182,7 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
     files = weight_files(Path(source))
     if destination.exists():
         raise CheckpointError(f"{destination}: already exists; give a new folder to write the converted checkpoint")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    try:
+    with atomic_folder(destination) as tmp:
         weight_map = {}
         for i, file in enumerate(files, start=1):
             name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
@@ -197,10 +194,6 @@ def convert_to_safetensors(source: Path, destination: Path) -> None:
         for extra in Path(source).iterdir():
             if extra.suffix in (".json", ".model", ".txt") and "index" not in extra.name and extra.is_file():
                 shutil.copy(extra, tmp / extra.name)
-        os.rename(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_official(model: nn.Module, folder: Path, max_shard_bytes: int = 2 * 2**30) -> None:
