@@ -13,6 +13,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from ..core.errors import BackendUnavailable, MethodUnavailable  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -166,9 +168,3 @@ class Backend(Protocol):
         """A dynamic loss scaler when training in float16, else None."""
 
 
-class MethodUnavailable(RuntimeError):
-    """The tuning method cannot run on this device or software stack; the message names the fix."""
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested device cannot be used here; the message says what is missing and the fix."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..core.methods import decays, model_overrides
 
-from .base import BackendUnavailable, Capabilities, MemoryStats
+from .base import BackendUnavailable, Capabilities, MemoryStats, MethodUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class MindSporeRuntime:
         self.model = self._build_model()
         self.trainable = {p.name: p for p in self.model.get_parameters() if p.requires_grad}
         if not self.trainable:
-            raise BackendUnavailable(f"method {self.method.name}: nothing to train")
+            raise MethodUnavailable(f"method {self.method.name}: nothing to train")
         log.info("trainable parameters: %s", f"{sum(int(np.prod(p.shape)) for p in self.trainable.values()):,}")
         params = list(self.trainable.values())
         self.exp_avg = [ms.ops.zeros_like(p) for p in params]
@@ -155,7 +155,7 @@ class MindSporeRuntime:
             try:
                 targets, feedforward = method.modules(self.family)
             except ValueError as e:
-                raise BackendUnavailable(str(e)) from None
+                raise MethodUnavailable(str(e)) from None
             mm.add_ia3(model, targets, feedforward)
             self.save_peft = functools.partial(mm.save_ia3, target_modules=targets, feedforward_modules=feedforward)
         elif method.name == "ptuning_v2":

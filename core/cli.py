@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
+from .errors import EXPECTED, Diverged, RecipeError, RunError, Stopped
 from .config import FRAMEWORKS
 from .quiet import hide_harmless_warnings
 from .checkpoints import write_failure
@@ -29,21 +30,6 @@ from .versions import tuneport_version
 
 DEMO_RECIPE = "builtin:demo.yaml"
 log = logging.getLogger("tuneport")
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or environment, printed as one line rather than a traceback."""
-    from ..backends import BackendUnavailable
-    from ..models import CheckpointError
-
-    from .config import RecipeError
-    from .data import DataError
-    from .precision import PrecisionError
-    from ..backends.base import MethodUnavailable
-    from .trainer import RunError
-
-    return (RecipeError, DataError, CheckpointError, RunError, PrecisionError, MethodUnavailable,
-            BackendUnavailable, FolderError, FileNotFoundError)
 
 
 # --- train / demo ------------------------------------------------------------------------------------
@@ -67,7 +53,6 @@ def read_recipe(args: argparse.Namespace, demo: bool):
     """
     from . import checkpoints, rundir
     from .config import changed_keys, load_recipe
-    from .trainer import RunError
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
     if recipe_arg and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
@@ -116,7 +101,7 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
         FolderError: a folder that is not tuneport's, or a run with progress that was not resumed.
     """
     from . import checkpoints
-    from .config import RecipeError, load_recipe
+    from .config import load_recipe
     from .rundir import check_usable, is_run_folder
 
     if resume:
@@ -150,7 +135,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
 
     if recipe.model in builder_names():
         if not recipe.tokenizer:
-            raise trainer.RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
+            raise RunError(f"tokenizer: a built model ({recipe.model}) needs a tokenizer path in the recipe")
         family = builder_family(recipe.model)
         model_dir, config = f"the built model {recipe.model!r}", family.builders[recipe.model][0]()
     else:
@@ -170,14 +155,14 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
         try:
             state = checkpoints.read_state(resume_from)
         except (OSError, ValueError) as e:
-            raise trainer.RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
+            raise RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
                                    "checkpoint folder away to resume from the one before it") from None
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         problem = (trainer.resume_problem(state, recipe, world_size, precision, resume_from)
                    or nothing_left(resume_dir, state["step"], trainer.total_steps(recipe, len(data.train.samples),
                                                                                   world_size), recipe, changed))
         if problem:
-            raise trainer.RunError(problem)
+            raise RunError(problem)
     return tokenizer, data, resume_from
 
 
@@ -211,7 +196,7 @@ def train_write_error(e: BaseException, output_dir: Path, resumable: bool) -> Op
     never started has been removed, and is started again."""
     from .trainer import resume_hint
 
-    reason = write_failure(e) if isinstance(e, Exception) and not isinstance(e, expected_errors()) else None
+    reason = write_failure(e) if isinstance(e, Exception) and not isinstance(e, EXPECTED) else None
     if reason is None:
         return None
     return FolderError(f"output_dir {output_dir}: cannot be written ({reason}); "
@@ -405,7 +390,6 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
 
 def plan_device(recipe):
     """(framework and device choice, precision plan) for the recipe, with its DeepSpeed settings checked."""
-    from . import trainer
     from .config import resolve_path
     from .distributed import launched
     from .precision import resolve_precision
@@ -414,13 +398,13 @@ def plan_device(recipe):
     choice = get_runtime(recipe.framework, recipe.device)
     precision = resolve_precision(recipe.precision, choice.device_name, choice.device.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
-        raise trainer.RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
+        raise RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
     if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
             "zero_optimization", {}).get("stage", 0) == 3:
-        raise trainer.RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
+        raise RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
                                "use stage 2 (builtin:deepspeed/zero2.json)")
     if recipe.deepspeed and not launched():
-        raise trainer.RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
+        raise RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
                                "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
     return choice, precision
 
@@ -469,7 +453,6 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..models import family_for
 
     from ..backends.torch_runtime import load_tuned_model
-    from .trainer import RunError
 
     if args.max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
@@ -592,8 +575,6 @@ def parse_memory(text: str) -> int:
     """'24GiB', '80GB', '512MiB' or bytes, as bytes."""
     import re
 
-    from .trainer import RunError
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in UNITS:
         raise RunError(f"--memory {text}: not an amount of memory; write it like 24GiB, 80GB or 512MiB")
@@ -611,7 +592,6 @@ def run_estimate(args: argparse.Namespace) -> int:
     from ..backends import available_backends, pick_backend
     from .config import load_recipe
     from .estimate import needs_checkpointing, plan
-    from .trainer import RunError
 
     memory = parse_memory(args.memory) if args.memory else None  # every argument before the estimate
     recipe = load_recipe(args.recipe, tuple(args.overrides))
@@ -698,7 +678,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import API_KEY_ENV, Limits, serve
-    from .trainer import RunError
 
     for name in ("port", "max_tokens", "max_queue", "max_request_bytes", "max_model_len"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -773,8 +752,6 @@ def main(argv: Optional[list[str]] = None, guard: Optional[StartupGuard] = None)
 def report(e: BaseException, guard: StartupGuard) -> int:
     """The exit status for an exception that ended a command, after printing its one `error:` line;
     re-raises what is a bug (a traceback is for bugs)."""
-    from .trainer import Diverged, Stopped
-
     main_process = int(os.environ.get("RANK", "0")) == 0  # collective outcomes are reported once
     if isinstance(e, Stopped):
         if main_process:
@@ -787,7 +764,7 @@ def report(e: BaseException, guard: StartupGuard) -> int:
         if main_process:
             print(f"error: {e}", file=sys.stderr)
         return 3
-    if isinstance(e, expected_errors()):
+    if isinstance(e, EXPECTED):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(e, KeyboardInterrupt):

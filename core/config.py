@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..models import builder_names
+from .errors import RecipeError
 from .methods import METHODS, AdaLoraConfig, LoraConfig, MethodConfig, foreign_default, method_fields
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
@@ -33,10 +34,6 @@ BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, built
 
 
 log = logging.getLogger(__name__)
-
-
-class RecipeError(ValueError):
-    """A recipe with problems; the message lists every one of them."""
 
 
 @dataclass

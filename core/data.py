@@ -27,6 +27,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("conversations", "alpaca", "advertisegen", "sharegpt")
@@ -38,14 +40,6 @@ IGNORE_INDEX = -100  # label with no loss, as the tokenizer's encode_conversatio
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, no more
 PathLike = Union[str, Path]
-
-
-class DataError(ValueError):
-    """A problem with training data, in one line: "{file}: line {n}: {problem}; {fix}".
-
-    Callers print `str(e)` and exit 2. `to_messages` and `detect_format` raise it without the
-    "{file}: line {n}: " prefix, which `encode_dataset` adds.
-    """
 
 
 @dataclass

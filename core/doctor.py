@@ -8,6 +8,7 @@ import platform
 import sys
 from dataclasses import asdict
 
+from .errors import RecipeError, RunError
 from .versions import installed
 
 ENV_VARS = (
@@ -27,8 +28,6 @@ def _gib(n: int) -> str:
 def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     """Lines of the report for `device` under `framework`, and whether it is usable."""
     from ..backends import BackendUnavailable, doctor_lines
-    from .config import RecipeError
-    from .trainer import RunError
     from .runtime import get_runtime
 
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",

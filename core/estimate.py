@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..models import builder_family, builder_names, family_for, loss_chunk
+from .errors import RunError
 from .config import resolve_path
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ class Estimate:
 def _family_and_config(recipe):
     """The recipe's model family and config (with the method's config changes), reading config.json only."""
     from .methods import model_overrides
-    from .trainer import RunError
 
     overrides = model_overrides(recipe.method)
     if recipe.model in builder_names():
@@ -177,7 +177,6 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     import torch
 
     from ..backends.torch_runtime import DTYPES
-    from .trainer import RunError
 
     if recipe.method.name == "qlora":
         raise RunError("tuneport estimate: method qlora is not estimated yet (bitsandbytes builds its 4-bit base "
@@ -225,7 +224,6 @@ def choose_checkpointing(recipe, device: str, memory: int) -> bool:
     """`train.gradient_checkpointing: auto`: off when the step without it is estimated to fit in 90% of
     `memory` (the device's), on otherwise or when it cannot be estimated."""
     from ..models import CheckpointError
-    from .trainer import RunError
 
     if memory <= 0:
         log.info("gradient checkpointing auto: on (the device's memory is unknown)")

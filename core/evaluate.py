@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import RunError
 from .config import DTYPES
 from .rundir import FolderError, atomic_write_text, check_writable, writing
 from .versions import tuneport_version
@@ -257,7 +258,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Every bad number or choice on the command line, in one RunError."""
     from .data import FORMATS
-    from .trainer import RunError
 
     problems = [f"--{name.replace('_', '-')}: {value} must be > 0"
                 for name, value in (("batch_size", args.batch_size), ("max_new_tokens", args.max_new_tokens),
@@ -279,7 +279,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from .config import resolve_path
     from .data import file_sha256
     from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
-    from .trainer import RunError
 
     check_arguments(args)
     try:

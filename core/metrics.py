@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from .errors import MissingDependency
+
 ROUGE = ("rouge-1", "rouge-2", "rouge-l")
 METRICS = (*ROUGE, "bleu-4")
 INSTALL = "pip install 'tuneport[eval]'"
-
-
-class MissingDependency(ImportError):
-    """The `eval` extra is not installed; the message names the install command."""
 
 
 def check_libraries() -> None:

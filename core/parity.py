@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import DTYPES, FRAMEWORKS
+from .errors import ParityError, RecipeError
 from .rundir import FolderError, check_writable, writing
 from .versions import installed, tuneport_version
 
@@ -100,12 +101,6 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 def embedding_rows(config: dict) -> int:
     """The model's embedding rows from its config.json (ChatGLM3: padded_vocab_size; others: vocab_size)."""
     return int(config.get("padded_vocab_size") or config.get("vocab_size") or 0)
-
-
-class ParityError(ValueError):
-    """Bad input to `tuneport parity`; the message names the option, the problem and the fix. `run_parity`
-    prints it as the CLI's one `error:` line with exit status 2 (this module stays importable without the
-    training loop's imports, so `tuneport --help` stays light)."""
 
 
 @dataclass(frozen=True)
@@ -440,7 +435,6 @@ def prepare(side: Side, flag: str) -> Prepared:
         ParityError: it cannot, with the reason and the fix, prefixed by the option (`--a`, `--b`).
     """
     from ..backends import BackendUnavailable
-    from .config import RecipeError
     from .precision import PrecisionError, resolve_precision
     from .runtime import get_runtime
 

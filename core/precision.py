@@ -7,12 +7,9 @@ import logging
 from dataclasses import dataclass
 
 from ..backends import Capabilities
+from .errors import PrecisionError
 
 log = logging.getLogger(__name__)
-
-
-class PrecisionError(ValueError):
-    """The requested precision cannot run on this device; the message says why and what to use."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .checkpoints import write_failure
+from .errors import FolderError
 
 MARKER = ".tuneport-run.json"
 LOCK = ".tuneport.lock"
@@ -33,10 +34,6 @@ OWNED = (MARKER, LOCK, "recipe.yaml", "run.json", "metrics.jsonl", "tensorboard"
 
 
 log = logging.getLogger(__name__)
-
-
-class FolderError(RuntimeError):
-    """An output folder tuneport may not use or cannot write; the message says what to do instead."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

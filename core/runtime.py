@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..backends.base import MemoryStats
+from .errors import RecipeError, RunError
 from .config import Recipe
 from .distributed import Dist
 from .precision import PrecisionPlan
@@ -93,7 +94,6 @@ class RuntimeChoice:
 
 def _torch(device: str) -> RuntimeChoice:
     from ..backends import pick_backend
-    from .config import RecipeError
 
     try:
         name, backend = pick_backend(device)
@@ -111,7 +111,6 @@ def _torch(device: str) -> RuntimeChoice:
 def _mindspore(device: str) -> RuntimeChoice:
     from ..backends.mindspore import MindSporeDevice, MindSporeRuntime
     from .distributed import launched
-    from .trainer import RunError
 
     if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
         raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
@@ -139,7 +138,6 @@ def get_runtime(framework: str, device: str) -> RuntimeChoice:
         RecipeError: an unknown framework or device name.
         BackendUnavailable: the device or the framework is not usable here (the message names the fix).
     """
-    from .config import RecipeError
 
     if framework not in FRAMEWORKS:
         raise RecipeError(f"framework: {framework!r} is not one of {', '.join(FRAMEWORKS)}")

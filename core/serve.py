@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import RunError
+
 log = logging.getLogger("tuneport.serve")
 API_KEY_ENV = "TUNEPORT_API_KEY"
 LOCAL_HOSTS = ("localhost",)
@@ -432,8 +434,6 @@ def check_port(host: str, port: int) -> None:
     """RunError if `host:port` cannot be bound, found before the model is loaded."""
     import socket
 
-    from .trainer import RunError
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -470,7 +470,6 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     from ..backends import open_backend
     from ..backends.torch_runtime import load_tuned_model
     from ..models import family_for
-    from .trainer import RunError
 
     host = host.strip("[]")  # [::1] as in a URL
     if not is_local(host) and not api_key:

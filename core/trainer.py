@@ -30,27 +30,12 @@ from . import checkpoints
 from ..models import builder_family, builder_names
 from .config import Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
+from .errors import Diverged, RunError, Stopped
 from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
 from .versions import installed
 
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
-
-
-class Diverged(RunError):
-    """The loss or gradient norm stopped being finite; the run stopped without saving (exit status 3)."""
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint was saved (exit status 128 + signal)."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {checkpoint}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 class StopOnSignal:

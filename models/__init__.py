@@ -14,10 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the fix."""
+from ..core.errors import CheckpointError
 
 
 def read_json(path: Path) -> dict:
