@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: importing the device interface (and the registry) loads no torch
+    import torch
 
 from ..core.errors import BackendUnavailable, MethodUnavailable  # noqa: F401  (re-exported)
 
@@ -105,7 +106,8 @@ class SwigluFn(Protocol):
 class Kernels:
     """The model's device-sensitive math. `backends/reference.py` holds the eager reference of each.
 
-    `rotary_half` (for the transformers-native families) may be left out: it is then the reference's.
+    `rotary_half` (for the transformers-native families) may be left out (None): the model then runs the
+    reference's.
     """
 
     rms_norm: RmsNormFn
@@ -113,12 +115,6 @@ class Kernels:
     attention: AttentionFn
     swiglu: SwigluFn
     rotary_half: Optional[RotaryHalfFn] = None
-
-    def __post_init__(self):
-        if self.rotary_half is None:  # a table that does not accelerate it (or predates it)
-            from .reference import rotary_half
-
-            object.__setattr__(self, "rotary_half", rotary_half)
 
 
 class Backend(Protocol):

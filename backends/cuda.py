@@ -25,7 +25,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 CUDA_KERNELS = Kernels(rms_norm=fused_rms_norm, rotary=REFERENCE_KERNELS.rotary, attention=sdpa_attention,
-                       swiglu=lean_swiglu)
+                       swiglu=lean_swiglu, rotary_half=REFERENCE_KERNELS.rotary_half)
 
 
 def unavailable_reason() -> Optional[str]:

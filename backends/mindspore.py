@@ -1,35 +1,21 @@
-"""The MindSpore runtime: the same recipes, checkpoints and PEFT-format adapters, trained by MindSpore.
-
-`MindSporeRuntime` implements the interface the training loop in `core/trainer.py` drives (as
-`TorchRuntime` does): micro-batch forward/backward with token-normalised accumulation, AdamW steps
-with torch's exact update rule and clipping, evaluation, exact checkpoints, adapters, greedy
-generation. `MindSporeDevice` is the device side: `--device cpu|npu|cuda` maps to MindSpore's
-CPU / Ascend / GPU targets. Runs in PyNative mode, one process per device (multi-card Ascend jobs
-start with `msrun`).
+"""MindSpore's device table: `MindSporeDevice` maps `--device cpu|npu|cuda` to MindSpore's CPU / Ascend /
+GPU targets and answers what the CLI and the training loop ask of a device. The MindSpore runtime that
+trains on it is `tuneport.frameworks.mindspore`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import json
 import logging
-import math
 import resource
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from ..core.methods import decays, model_overrides
-
-from .base import BackendUnavailable, Capabilities, MemoryStats, MethodUnavailable
+from .base import BackendUnavailable, Capabilities, MemoryStats
 
 log = logging.getLogger(__name__)
 
 TARGETS = {"cpu": "CPU", "npu": "Ascend", "cuda": "GPU"}
-BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, so both frameworks take the same steps
 
 
 def unavailable_reason() -> Optional[str]:
@@ -96,198 +82,3 @@ class MindSporeDevice:
     def memory_stats(self) -> MemoryStats:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host memory; device stats need Ascend
         return MemoryStats(allocated=0, reserved=0, peak=peak)
-
-
-class MindSporeRuntime:
-    """One MindSpore model, one tuning method, AdamW; the same interface as TorchRuntime."""
-
-    def __init__(self, recipe, device: MindSporeDevice, precision, model_dir: Path, dist):
-        import mindspore as ms
-
-        from ..models import family_for
-
-        self.family = family_for(Path(model_dir))
-        if self.family.mindspore is None:
-            raise BackendUnavailable(f"model type {self.family.model_type} has no MindSpore implementation; "
-                                     "train it with --framework torch")
-        self.ms, self.msmodel = ms, self.family.mindspore()
-        self.recipe, self.device, self.precision, self.dist = recipe, device, precision, dist
-        self.method = recipe.method
-        self.model_dir = Path(model_dir)
-        self.compute_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[precision.compute]
-        self.loss_scaler = None
-        if precision.loss_scaling:
-            from mindspore.amp import DynamicLossScaler
-
-            self.loss_scaler = DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=1000)
-        ms.set_seed(recipe.train.seed)
-        self.model = self._build_model()
-        self.trainable = {p.name: p for p in self.model.get_parameters() if p.requires_grad}
-        if not self.trainable:
-            raise MethodUnavailable(f"method {self.method.name}: nothing to train")
-        log.info("trainable parameters: %s", f"{sum(int(np.prod(p.shape)) for p in self.trainable.values()):,}")
-        params = list(self.trainable.values())
-        self.exp_avg = [ms.ops.zeros_like(p) for p in params]
-        self.exp_avg_sq = [ms.ops.zeros_like(p) for p in params]
-        self.grads = None
-        self.step_count = 0
-        self.grad_fn = ms.value_and_grad(self._loss, None, params)
-        self.model.set_train(True)
-
-    def _build_model(self):
-        method, mm = self.method, self.msmodel
-        overrides = model_overrides(method)
-        model = mm.load_model(self.model_dir, **overrides)
-        model.compute_dtype = self.compute_dtype
-        self.save_peft = None  # (model, folder, base_model=) -> the PEFT adapter folder, for lora and ia3
-        if method.name == "lora":
-            r, alpha, dropout = method.r, method.alpha, method.dropout
-            targets = list(method.target_modules or self.family.lora_targets)
-            if method.init_from:
-                config = mm.load_lora(model, method.init_from, trainable=True)
-                r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
-                targets = config["target_modules"]
-                targets = [targets] if isinstance(targets, str) else list(targets)
-            else:
-                mm.add_lora(model, r, alpha, dropout, targets, seed=self.recipe.train.seed)
-            self.save_peft = functools.partial(mm.save_lora, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
-        elif method.name == "ia3":  # the vectors train in float32, as every trainable parameter here
-            try:
-                targets, feedforward = method.modules(self.family)
-            except ValueError as e:
-                raise MethodUnavailable(str(e)) from None
-            mm.add_ia3(model, targets, feedforward)
-            self.save_peft = functools.partial(mm.save_ia3, target_modules=targets, feedforward_modules=feedforward)
-        elif method.name == "ptuning_v2":
-            for name, param in model.parameters_and_names():
-                param.requires_grad = name.startswith("transformer.prefix_encoder.")
-        return model
-
-    # --- training -----------------------------------------------------------------------------------
-    def _loss(self, ids, mask, labels, num_items):
-        _, loss = self.model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
-        return self.loss_scaler.scale(loss) if self.loss_scaler else loss
-
-    def forward_backward(self, batch: dict, num_items: int, boundary: bool = True) -> float:
-        ms = self.ms
-        loss, grads = self.grad_fn(ms.Tensor(batch["input_ids"], ms.int32), batch["attention_mask"],
-                                   ms.Tensor(batch["labels"], ms.int32), num_items)
-        if self.loss_scaler:
-            grads = self.loss_scaler.unscale(grads)
-            loss = self.loss_scaler.unscale(loss)
-        self.grads = list(grads) if self.grads is None else [a + g for a, g in zip(self.grads, grads)]
-        return float(loss.asnumpy())
-
-    def optimizer_step(self, lr: float, grad_clip: Optional[float]) -> float:
-        """AdamW with torch's update order (decay, moments, bias corrections), after torch-style clipping."""
-        ops = self.ms.ops
-        grads, self.grads = self.grads, None
-        norm = float(np.sqrt(sum(float((g.astype(self.ms.float32) ** 2).sum().asnumpy()) for g in grads)))
-        if self.loss_scaler is not None:
-            from mindspore.amp import all_finite
-
-            finite = all_finite(grads)
-            self.loss_scaler.adjust(finite)
-            if not bool(finite.asnumpy()):
-                log.warning("fp16 overflow: step skipped, loss scale lowered")
-                return norm
-        if grad_clip:
-            coef = min(grad_clip / (norm + 1e-6), 1.0)
-            grads = [g * coef for g in grads]
-        self.step_count += 1
-        t = self.step_count
-        b1, b2 = BETAS
-        step_size = lr / (1 - b1**t)
-        correction2_sqrt = math.sqrt(1 - b2**t)
-        decay = self.recipe.train.weight_decay
-        for i, ((name, param), grad) in enumerate(zip(self.trainable.items(), grads)):
-            value = param * (1 - lr * decay) if decay and decays(name, param.ndim) else param
-            self.exp_avg[i] = self.exp_avg[i] + (grad - self.exp_avg[i]) * (1 - b1)
-            self.exp_avg_sq[i] = self.exp_avg_sq[i] * b2 + grad * grad * (1 - b2)
-            denom = ops.sqrt(self.exp_avg_sq[i]) / correction2_sqrt + EPS
-            param.set_data(value - step_size * self.exp_avg[i] / denom)
-        return norm
-
-    def eval_loss(self, batch: dict) -> tuple[float, int]:
-        self.model.set_train(False)
-        try:
-            _, loss = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                 num_items_in_batch=1)
-            return float(loss.asnumpy()), int((batch["labels"][:, 1:] != -100).sum())
-        finally:
-            self.model.set_train(True)
-
-    # --- checkpoints --------------------------------------------------------------------------------
-    def save_state(self, folder: Path) -> None:
-        from safetensors.numpy import save_file
-
-        if not self.dist.is_main:
-            return
-        save_file({n: p.asnumpy() for n, p in self.trainable.items()}, str(folder / "trainable.safetensors"))
-        moments = {f"exp_avg.{n}": m.asnumpy() for n, m in zip(self.trainable, self.exp_avg)}
-        moments.update({f"exp_avg_sq.{n}": v.asnumpy() for n, v in zip(self.trainable, self.exp_avg_sq)})
-        save_file(moments, str(folder / "optimizer.safetensors"))
-        # MindSpore's dropout draws from per-operator seeds that no public API saves, so a resumed run
-        # is bit-exact only without dropout (LoRA dropout 0; P-tuning's prefix dropout is always on).
-        state = {"step": self.step_count}
-        if self.loss_scaler:
-            state["loss_scale"] = float(self.loss_scaler.scale_value.asnumpy())
-        (folder / "mindspore_state.json").write_text(json.dumps(state))
-
-    def load_state(self, folder: Path) -> None:
-        from safetensors.numpy import load_file
-
-        ms = self.ms
-        weights = load_file(str(folder / "trainable.safetensors"))
-        moments = load_file(str(folder / "optimizer.safetensors"))
-        for i, (name, param) in enumerate(self.trainable.items()):
-            param.set_data(ms.Tensor(weights[name]))
-            self.exp_avg[i] = ms.Tensor(moments[f"exp_avg.{name}"])
-            self.exp_avg_sq[i] = ms.Tensor(moments[f"exp_avg_sq.{name}"])
-        state = json.loads((folder / "mindspore_state.json").read_text())
-        self.step_count = state["step"]
-        if self.loss_scaler and "loss_scale" in state:
-            self.loss_scaler.scale_value.set_data(ms.Tensor(state["loss_scale"], ms.float32))
-
-    def memory_stats(self) -> MemoryStats:
-        return self.device.memory_stats()
-
-    def save_adapter(self, folder: Path) -> None:
-        """The same formats as TorchRuntime: PEFT LoRA or IA3, or the official prefix-encoder weights."""
-        from safetensors.numpy import save_file
-
-        m = self.method
-        if self.save_peft is not None:
-            self.save_peft(self.model, folder, base_model=str(self.model_dir.resolve()))
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        if m.name == "ptuning_v2":
-            (folder / "prefix_config.json").write_text(json.dumps(
-                {"pre_seq_len": m.num_virtual_tokens, "prefix_projection": m.prefix_projection}))
-            save_file({n: p.asnumpy() for n, p in self.trainable.items()}, str(folder / "prefix_encoder.safetensors"))
-        else:  # full: a checkpoint folder in the official layout
-            save_file({n: p.asnumpy() for n, p in self.model.parameters_and_names()}, str(folder / "model.safetensors"))
-            (folder / "config.json").write_text(self.model.config.to_json_string())
-
-    # --- generation ---------------------------------------------------------------------------------
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                       pad_id: int) -> list[list[int]]:
-        """`generate` for each prompt in turn."""
-        return [self.generate(ids, max_new_tokens, stop_ids, pad_id) for ids in prompts]
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
-        """Greedy continuation with the KV cache, ending at any of `stop_ids` (not included)."""
-        self.model.set_train(False)
-        try:
-            cache = self.msmodel.KVCache()
-            ids, new = np.array([prompt_ids], np.int32), []
-            for _ in range(max_new_tokens):
-                logits, _ = self.model(ids, cache=cache)
-                token = int(logits[0, -1].asnumpy().argmax())
-                if token in stop_ids:
-                    break
-                new.append(token)
-                ids = np.array([[token]], np.int32)
-            return new
-        finally:
-            self.model.set_train(True)

@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     from tuneport.backends import get_backend
-    from tuneport.backends.torch_runtime import apply_method
+    from tuneport.frameworks.torch.build import apply_method
     from tuneport.core.methods import LoraConfig
     from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration, chatglm3_6b_config
     from tuneport.models.chatglm3.family import family

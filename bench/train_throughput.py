@@ -94,7 +94,7 @@ def tuneport_checkpointing(args):
 
 def run_tuneport(folder: Path, args) -> dict:
     from tuneport.backends import get_backend
-    from tuneport.backends.torch_runtime import TorchRuntime
+    from tuneport.frameworks.torch.runtime import TorchRuntime
     from tuneport.core.config import load_recipe
     from tuneport.core.precision import resolve_precision
     from tuneport.core.trainer import label_tokens

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import evaluate, parity  # their CLI parts; they import torch and the rest only when they run
-from .errors import EXPECTED, Diverged, RecipeError, RunError, Stopped
-from .config import FRAMEWORKS
+from ..frameworks import FRAMEWORKS, frameworks_of, get_runtime
+from .errors import EXPECTED, Diverged, MethodUnavailable, RecipeError, RunError, Stopped
+from .methods import METHODS
 from .quiet import hide_harmless_warnings
 from .checkpoints import write_failure
 from .rundir import FolderError, check_writable, writing
@@ -81,13 +82,13 @@ def read_recipe(args: argparse.Namespace, demo: bool):
                                  output_dir=str(resume_dir))
     changed = changed_keys(stored, recipe)
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE
-               or (k == "train.max_steps" and recipe.method.name == "adalora")}  # its budget spans max_steps
+               or (k == "train.max_steps" and recipe.method.spans_run)}  # e.g. AdaLoRA's budget spans max_steps
     if refused:
         raise RunError(f"--resume {resume_dir}: " + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new)
                                                                in refused.items())
                        + " would change what the run learns; a resumed run may change only "
                        + ", ".join(RESUME_MAY_CHANGE)
-                       + (" (not train.max_steps with adalora: its rank budget is scheduled over it)"
+                       + (f" (not train.max_steps with {recipe.method.name}: its schedule spans the run)"
                           if "train.max_steps" in refused else "")
                        + ". Start a new run (another output_dir) for the rest")
     return recipe, resume_dir, demo, changed
@@ -131,7 +132,6 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
     from ..models import builder_family, builder_names, family_for
 
     from . import checkpoints, trainer
-    from .methods import model_overrides
 
     if recipe.model in builder_names():
         if not recipe.tokenizer:
@@ -141,7 +141,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
     else:
         model_dir = trainer.model_folder(recipe, Path(recipe.output_dir))
         family = family_for(model_dir)
-        config, _, _ = family.check_checkpoint(model_dir, **model_overrides(recipe.method))
+        config, _, _ = family.check_checkpoint(model_dir, **recipe.method.model_overrides())
     tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
     tokenizer = family.load_tokenizer(tokenizer_path)
     family.check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
@@ -393,7 +393,6 @@ def plan_device(recipe):
     from .config import resolve_path
     from .distributed import launched
     from .precision import resolve_precision
-    from .runtime import get_runtime
 
     choice = get_runtime(recipe.framework, recipe.device)
     precision = resolve_precision(recipe.precision, choice.device_name, choice.device.capabilities)
@@ -452,7 +451,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..backends import open_backend
     from ..models import family_for
 
-    from ..backends.torch_runtime import load_tuned_model
+    from ..frameworks.torch.build import load_tuned_model
 
     if args.max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
@@ -631,10 +630,8 @@ def add_methods_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from ..backends.base import MethodUnavailable
     from ..models import family_for, get_family, model_types
     from .estimate import trainable_parameters
-    from .methods import METHODS
 
     if args.model:
         folder = Path(args.model)
@@ -651,7 +648,7 @@ def run_methods(args: argparse.Namespace) -> int:
                 counts.append(f"{trainable_parameters(family, config, method):,}")
             except MethodUnavailable:  # e.g. ChatGLM's own P-tuning v2 on another family
                 counts.append("-")
-        print(f"{name:15s}{', '.join(entry.frameworks):18s}" + "".join(f"{c:>26s}" for c in counts))
+        print(f"{name:15s}{', '.join(frameworks_of(name)):18s}" + "".join(f"{c:>26s}" for c in counts))
     return 0
 
 

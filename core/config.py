@@ -21,15 +21,15 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ..frameworks import FRAMEWORKS, frameworks_of
 from ..models import builder_names
 from .errors import RecipeError
-from .methods import METHODS, AdaLoraConfig, LoraConfig, MethodConfig, foreign_default, method_fields
+from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
-DTYPES = ("fp32", "bf16", "fp16")  # the compute and weight dtypes every command names (torch's: torch_runtime.DTYPES)
+DTYPES = ("fp32", "bf16", "fp16")  # the dtypes every command names (torch's: frameworks/torch/build.py)
 PRECISIONS = ("auto", *DTYPES)
-FRAMEWORKS = ("torch", "mindspore")
 BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
 
 
@@ -252,14 +252,10 @@ def _check_values(r: Recipe) -> list[str]:
     if not r.data.train:
         found.append("data.train: missing; give a JSON or JSON-lines training file")
     found += r.method.problems()
-    if isinstance(r.method, AdaLoraConfig):
-        found += r.method.schedule_problems(r.train.max_steps)
-        if r.deepspeed:
-            found.append("method.name: adalora does not run under DeepSpeed (its rank budget needs the gradients "
-                         "after each step); remove deepspeed=, or choose method lora")
-    if r.method.name in METHODS and r.framework not in METHODS[r.method.name].frameworks:
+    found += r.method.recipe_problems(r)
+    if r.method.name in METHODS and r.framework in FRAMEWORKS and r.framework not in frameworks_of(r.method.name):
         found.append(f"method.name: {r.method.name} does not run with framework {r.framework}; it runs with "
-                     f"{', '.join(METHODS[r.method.name].frameworks)}")
+                     f"{', '.join(frameworks_of(r.method.name))}")
     choice("data.format", r.data.format, FORMATS)
     choice("train.scheduler", r.train.scheduler, SCHEDULERS)
     if isinstance(r.train.gradient_checkpointing, str):

@@ -28,7 +28,7 @@ def _gib(n: int) -> str:
 def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     """Lines of the report for `device` under `framework`, and whether it is usable."""
     from ..backends import BackendUnavailable, doctor_lines
-    from .runtime import get_runtime
+    from ..frameworks import get_runtime
 
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]

@@ -22,8 +22,14 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
+
+from ..backends import get_backend
+from ..frameworks import implementation
+from ..frameworks.torch.build import DTYPES, build_tuned_model
 from ..models import builder_family, builder_names, family_for, loss_chunk
-from .errors import RunError
+from .errors import BackendUnavailable, CheckpointError, MethodUnavailable, RunError
+from .precision import resolve_precision
 from .config import resolve_path
 
 log = logging.getLogger(__name__)
@@ -48,9 +54,7 @@ class Estimate:
 
 def _family_and_config(recipe):
     """The recipe's model family and config (with the method's config changes), reading config.json only."""
-    from .methods import model_overrides
-
-    overrides = model_overrides(recipe.method)
+    overrides = recipe.method.model_overrides()
     if recipe.model in builder_names():
         family = builder_family(recipe.model)
         config = family.builders[recipe.model][0]()
@@ -66,18 +70,7 @@ def _family_and_config(recipe):
 
 def _meta_model(family, config, method, compute, checkpointing: bool):
     """The model as training builds it (dtypes, frozen parts, adapter), on the meta device."""
-    import torch
-
-    from ..backends.reference import REFERENCE_KERNELS, lean_swiglu
-    from ..backends.torch_runtime import apply_method, enable_checkpointing
-
-    with torch.device("meta"):
-        model = family.model_class(config).to(torch.float32 if method.name == "full" else compute)
-        model.set_kernels(dataclasses.replace(REFERENCE_KERNELS, swiglu=lean_swiglu))  # as every torch backend's
-        tuned = apply_method(model, method, family)
-        if checkpointing:
-            enable_checkpointing(model)
-    return tuned.train()
+    return build_tuned_model(config, method, None, "meta", compute, family=family, checkpointing=checkpointing).model
 
 
 def trainable_parameters(family, config, method) -> int:
@@ -85,21 +78,15 @@ def trainable_parameters(family, config, method) -> int:
     the meta device."""
     import copy
 
-    from .methods import model_overrides
-
     config = copy.deepcopy(config)
-    for key, value in model_overrides(method).items():
+    for key, value in method.model_overrides().items():
         setattr(config, key, value)
-    import torch
-
-    model = _meta_model(family, config, method, torch.float32, False)
+    model = _meta_model(family, config, method, DTYPES["fp32"], False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _saved_bytes(model, seq: int) -> int:
     """Bytes the forward of one sample of `seq` tokens saves for backward (not the weights), on meta tensors."""
-    import torch
-
     weights = {id(t) for t in [*model.parameters(), *model.buffers()]}  # counted as weights already
     saved: dict[int, int] = {}
 
@@ -111,7 +98,7 @@ def _saved_bytes(model, seq: int) -> int:
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = inner.transformer(input_ids=torch.zeros(1, seq, dtype=torch.long, device="meta"))
+        hidden = inner.base_model(input_ids=torch.zeros(1, seq, dtype=torch.long, device="meta"))
     return sum(saved.values()) + hidden.numel() * hidden.element_size()  # the final hidden feeds the loss
 
 
@@ -161,9 +148,6 @@ class Plan:
 def _precision(requested: str, device: str) -> str:
     """The compute precision: as asked, or what `auto` picks on `device` (bf16 on an accelerator this
     machine cannot reach, so a GPU's or NPU's run is estimated from any machine)."""
-    from ..backends import BackendUnavailable, get_backend
-    from .precision import resolve_precision
-
     if requested != "auto":
         return requested
     try:
@@ -174,13 +158,9 @@ def _precision(requested: str, device: str) -> str:
 
 def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Optional[int] = None) -> Plan:
     """The memory Plan of `recipe` on `device` (arguments as `estimate`'s)."""
-    import torch
-
-    from ..backends.torch_runtime import DTYPES
-
-    if recipe.method.name == "qlora":
-        raise RunError("tuneport estimate: method qlora is not estimated yet (bitsandbytes builds its 4-bit base "
-                       "on the device); estimate method lora for an upper bound")
+    why = implementation(recipe.method.name, "torch").unestimated
+    if why:
+        raise RunError(f"tuneport estimate: method {recipe.method.name} is not estimated yet ({why})")
     compute = DTYPES[_precision(recipe.precision, device)]
     family, config = _family_and_config(recipe)
     if checkpointing is None:
@@ -223,14 +203,12 @@ def needs_checkpointing(peak_without: int, memory: int) -> bool:
 def choose_checkpointing(recipe, device: str, memory: int) -> bool:
     """`train.gradient_checkpointing: auto`: off when the step without it is estimated to fit in 90% of
     `memory` (the device's), on otherwise or when it cannot be estimated."""
-    from ..models import CheckpointError
-
     if memory <= 0:
         log.info("gradient checkpointing auto: on (the device's memory is unknown)")
         return True
     try:
         peak = estimate(recipe, device, checkpointing=False).peak
-    except (RunError, CheckpointError) as e:
+    except (RunError, CheckpointError, MethodUnavailable) as e:
         log.info("gradient checkpointing auto: on (no estimate: %s)", e)
         return True
     on = needs_checkpointing(peak, memory)

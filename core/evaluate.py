@@ -303,7 +303,7 @@ def run_eval(args: argparse.Namespace) -> int:
         log.warning("%d of %d prompts cut to %d tokens (--max-input-length)", truncated, len(prompts),
                     args.max_input_length)
 
-    from ..backends.torch_runtime import DTYPES as TORCH_DTYPES, load_tuned_model
+    from ..frameworks.torch.build import DTYPES as TORCH_DTYPES, load_tuned_model
 
     model = load_tuned_model(model_dir, adapter, backend, dtype=TORCH_DTYPES[args.dtype], device_index=index).eval()
     began = time.time()

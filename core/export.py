@@ -74,7 +74,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     import torch
 
     from ..backends import open_backend
-    from ..backends.torch_runtime import DTYPES as TORCH_DTYPES, load_tuned_model
+    from ..frameworks.torch.build import DTYPES as TORCH_DTYPES, load_tuned_model
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")

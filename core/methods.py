@@ -1,19 +1,43 @@
-"""The tuning methods: one config dataclass per method, registered with the frameworks that run it.
+"""The tuning methods' settings: one config dataclass per method, and the registry of their names.
 
 A recipe's `method:` section names the method (`name: lora`) and gives that method's fields. A method
-is added here with its config class and frameworks, and implemented by each framework's runtime;
-a method a framework lacks is refused when the recipe is read, before anything loads.
+is its config class here (a `MethodSettings`) plus, for each framework that runs it, one implementation
+object: a file `frameworks/<framework>/methods/<name>.py` (or one given to `register_method`). Its
+frameworks are those implementations; a method a framework lacks is refused when the recipe is read,
+before anything loads. Nothing outside an implementation decides by a method's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Union
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from .errors import MethodUnavailable
+
+
+class MethodSettings:
+    """What every method's config answers (its dataclass fields are the recipe's `method.*` keys)."""
+
+    name: str
+    spans_run: ClassVar[bool] = False  # its schedule depends on train.max_steps, which a resume cannot change
+
+    def problems(self) -> list[str]:
+        """Problems with the method's own fields."""
+        return []
+
+    def recipe_problems(self, recipe) -> list[str]:
+        """Problems with the method in this recipe (its length, DeepSpeed, ...)."""
+        return []
+
+    def model_overrides(self) -> dict:
+        """config.json keys the method changes in the base model (P-tuning v2 adds a prefix encoder)."""
+        return {}
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(MethodSettings):
     """LoRA (Hu et al., 2021) through peft: low-rank updates of the named linear layers."""
 
     name: str = "lora"
@@ -50,7 +74,7 @@ class QLoraConfig(LoraConfig):
 
 
 @dataclass
-class PtuningV2Config:
+class PtuningV2Config(MethodSettings):
     """P-tuning v2 (Liu et al., 2022): trained key/value prefixes in every layer (ChatGLM's prefix encoder)."""
 
     name: str = "ptuning_v2"
@@ -60,6 +84,9 @@ class PtuningV2Config:
     def problems(self) -> list[str]:
         return [f"method.num_virtual_tokens: {self.num_virtual_tokens!r} must be > 0"] \
             if self.num_virtual_tokens <= 0 else []
+
+    def model_overrides(self) -> dict:
+        return dict(pre_seq_len=self.num_virtual_tokens, prefix_projection=self.prefix_projection)
 
 
 @dataclass
@@ -71,7 +98,7 @@ class DoraConfig(LoraConfig):
 
 
 @dataclass
-class AdaLoraConfig:
+class AdaLoraConfig(MethodSettings):
     """AdaLoRA (Zhang et al., 2023): SVD-shaped LoRA whose rank budget moves to the layers that matter,
     pruned from `init_r` to an average of `target_r` per layer between steps `tinit` and
     max_steps - `tfinal`, every `delta_t` steps (peft's `update_and_allocate`)."""
@@ -88,6 +115,7 @@ class AdaLoraConfig:
     beta1: float = 0.85  # smoothing of the importance scores
     beta2: float = 0.85  # smoothing of their uncertainty
     orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on P and Q
+    spans_run: ClassVar[bool] = True  # the budget schedule runs to train.max_steps
 
     def problems(self) -> list[str]:
         found = []
@@ -102,6 +130,13 @@ class AdaLoraConfig:
                 found.append(f"method.{name}: {getattr(self, name)!r} must be in (0, 1)")
         if self.orth_reg_weight < 0:
             found.append(f"method.orth_reg_weight: {self.orth_reg_weight!r} must be >= 0")
+        return found
+
+    def recipe_problems(self, recipe) -> list[str]:
+        found = self.schedule_problems(recipe.train.max_steps)
+        if recipe.deepspeed:
+            found.append("method.name: adalora does not run under DeepSpeed (its rank budget needs the gradients "
+                         "after each step); remove deepspeed=, or choose method lora")
         return found
 
     def schedule_problems(self, max_steps: Optional[int]) -> list[str]:
@@ -122,7 +157,7 @@ class AdaLoraConfig:
 
 
 @dataclass
-class Ia3Config:
+class Ia3Config(MethodSettings):
     """(IA)^3 (Liu et al., 2022): learned vectors that rescale the keys, values and feed-forward activations."""
 
     name: str = "ia3"
@@ -151,7 +186,7 @@ class Ia3Config:
 
 
 @dataclass
-class PromptTuningConfig:
+class PromptTuningConfig(MethodSettings):
     """Prompt tuning (Lester et al., 2021): trained embeddings of virtual tokens before the input."""
 
     name: str = "prompt_tuning"
@@ -162,7 +197,7 @@ class PromptTuningConfig:
 
 
 @dataclass
-class PtuningConfig:
+class PtuningConfig(MethodSettings):
     """P-tuning (Liu et al., 2021): virtual token embeddings produced by a small trained encoder."""
 
     name: str = "ptuning"
@@ -178,7 +213,7 @@ class PtuningConfig:
 
 
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(MethodSettings):
     """Prefix tuning (Li and Liang, 2021) through peft: trained keys and values before every layer's
     attention (peft's adapter format; ChatGLM's own is `ptuning_v2`)."""
 
@@ -195,39 +230,80 @@ def _positive_tokens(count: int) -> list[str]:
 
 
 @dataclass
-class FullConfig:
+class FullConfig(MethodSettings):
     """Full fine-tuning: every weight trains (in float32)."""
 
     name: str = "full"
 
+
+@dataclass
+class FreezeConfig(MethodSettings):
+    """Freeze tuning (LLaMA-Factory's `freeze`): only the last `trainable_layers` transformer blocks train
+    (of those, only the modules `trainable_modules` names, when it names any); every other weight stays
+    frozen. The trained weights are float32, and the result is a complete checkpoint, as full fine-tuning's."""
+
+    name: str = "freeze"
+    trainable_layers: int = 2  # the last N blocks train
+    trainable_modules: Optional[list[str]] = None  # e.g. [mlp]: only these modules of those blocks; None: all
+
     def problems(self) -> list[str]:
-        return []
+        found = []
+        if self.trainable_layers <= 0:
+            found.append(f"method.trainable_layers: {self.trainable_layers!r} must be > 0")
+        if self.trainable_modules is not None and not self.trainable_modules:
+            found.append("method.trainable_modules: empty; name modules of a block (e.g. [mlp]), or null for all")
+        return found
+
+    def trained_names(self, names: list[str], family) -> set[str]:
+        """Of a model's parameter names (the same in every framework), the ones this method trains.
+
+        Raises:
+            MethodUnavailable: the family does not say where its blocks are, the model has fewer blocks
+                than `trainable_layers`, or no parameter of those blocks matches `trainable_modules`.
+        """
+        if not family.blocks:
+            raise MethodUnavailable(f"method freeze: model type {family.model_type} does not declare its blocks "
+                                    "(ModelFamily.blocks); use method lora or full")
+        index = re.compile(re.escape(family.blocks) + r"\.(\d+)\.(.+)")
+        found = {name: match for name in names if (match := index.fullmatch(name))}
+        count = 1 + max((int(m[1]) for m in found.values()), default=-1)
+        if self.trainable_layers > count:
+            raise MethodUnavailable(f"method.trainable_layers: {self.trainable_layers} but the model has {count} "
+                                    f"blocks; give at most {count}")
+        wanted = set(self.trainable_modules or ())
+        chosen = {name for name, m in found.items() if int(m[1]) >= count - self.trainable_layers
+                  and (not wanted or wanted & set(m[2].split(".")))}
+        if not chosen:
+            raise MethodUnavailable(f"method.trainable_modules: {sorted(wanted)} match no parameter of the last "
+                                    f"{self.trainable_layers} blocks ({sorted(found)[0].rpartition('.')[0]}, ...)")
+        return chosen
 
 
 MethodConfig = Union[LoraConfig, QLoraConfig, DoraConfig, AdaLoraConfig, Ia3Config, PromptTuningConfig, PtuningConfig,
-                     PrefixTuningConfig, PtuningV2Config, FullConfig]
+                     PrefixTuningConfig, PtuningV2Config, FullConfig, FreezeConfig]
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its config class, and implementations given from outside the package
+    (framework -> object); the package's own are the files `frameworks/<framework>/methods/<name>.py`."""
+
     config: type
-    frameworks: tuple[str, ...]  # the frameworks whose runtimes implement it
-    peft: bool = True  # trained and saved as a peft adapter on the torch path
+    implementations: dict[str, Any] = field(default_factory=dict)
 
 
-# The registry.
-METHODS: dict[str, Method] = {
-    "lora": Method(LoraConfig, ("torch", "mindspore")),
-    "qlora": Method(QLoraConfig, ("torch",)),  # bitsandbytes' 4-bit kernels exist for torch only
-    "dora": Method(DoraConfig, ("torch",)),
-    "adalora": Method(AdaLoraConfig, ("torch",)),
-    "ia3": Method(Ia3Config, ("torch", "mindspore")),
-    "prompt_tuning": Method(PromptTuningConfig, ("torch",)),
-    "ptuning": Method(PtuningConfig, ("torch",)),
-    "prefix_tuning": Method(PrefixTuningConfig, ("torch",)),
-    "ptuning_v2": Method(PtuningV2Config, ("torch", "mindspore"), peft=False),  # ChatGLM's own prefix encoder
-    "full": Method(FullConfig, ("torch", "mindspore"), peft=False),
-}
+# The registry: a new method is its config class above, its line here, and one file per framework.
+METHODS: dict[str, Method] = {name: Method(config) for name, config in (
+    ("lora", LoraConfig), ("qlora", QLoraConfig), ("dora", DoraConfig), ("adalora", AdaLoraConfig),
+    ("ia3", Ia3Config), ("prompt_tuning", PromptTuningConfig), ("ptuning", PtuningConfig),
+    ("prefix_tuning", PrefixTuningConfig), ("ptuning_v2", PtuningV2Config), ("full", FullConfig),
+    ("freeze", FreezeConfig))}
+
+
+def register_method(name: str, config: type, implementations: dict[str, Any]) -> None:
+    """Add a method from outside the package: its config dataclass (a MethodSettings whose `name` field
+    defaults to `name`) and its implementation object for each framework that runs it."""
+    METHODS[name] = Method(config, dict(implementations))
 
 
 def decays(name: str, ndim: int) -> bool:
@@ -256,10 +332,3 @@ def foreign_default(key: str, value, own: str) -> bool:
             if value == default:
                 return True
     return False
-
-
-def model_overrides(method: MethodConfig) -> dict:
-    """Config keys a method changes in the base model (P-tuning v2 adds a prefix encoder)."""
-    if isinstance(method, PtuningV2Config):
-        return dict(pre_seq_len=method.num_virtual_tokens, prefix_projection=method.prefix_projection)
-    return {}

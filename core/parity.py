@@ -9,7 +9,7 @@ output layer's input), the logits and the loss; then the gradient of every train
 adapter, a fixed synthetic LoRA (`SyntheticLora`: r 4 on every linear layer of every block, weights drawn
 from each parameter's name, so every framework builds the same one and no gradient is zero) stands in for
 the adapter a run would train, so every block's backward is compared too. The framework-specific
-capture is `backends/torch_parity.py` and `backends/mindspore_parity.py`; this module is framework-neutral.
+capture is each framework's (`frameworks/torch/parity.py`, `frameworks/mindspore/parity.py`); this module is framework-neutral.
 
 Side A is the reference. Each row's error is relative: ||B - A|| / ||A||, both cast to float32 and computed
 in float64 (0 when both are zero, infinite when only A is; NaN or infinity on either side fails). Each row
@@ -69,8 +69,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..frameworks import framework, get_runtime
 from .config import DTYPES, FRAMEWORKS
-from .errors import ParityError, RecipeError
+from .errors import BackendUnavailable, ParityError, PrecisionError, RecipeError
+from .precision import resolve_precision
 from .rundir import FolderError, check_writable, writing
 from .versions import installed, tuneport_version
 
@@ -314,7 +316,7 @@ def adapter_identity(adapter: Optional[Path], lora: SyntheticLora) -> dict:
     return {"kind": str(config.get("peft_type", "?")).lower(), "sha256": _weights_sha256(weights)}
 
 
-MINDSPORE_ADAPTERS = ("synthetic-lora", "lora", "ia3")  # what backends/mindspore_parity.py loads
+MINDSPORE_ADAPTERS = ("synthetic-lora", "lora", "ia3")  # what frameworks/mindspore/parity.py loads
 
 
 def seeded_batch(model_dir: Path) -> dict:
@@ -407,25 +409,16 @@ class Prepared:
     capture: Callable[..., dict]
 
 
-def _capture_torch(prepared: Prepared, model_dir, adapter, batch, lora) -> dict:
-    from ..backends.torch_parity import capture
-
+def _capture(prepared: Prepared, model_dir, adapter, batch, lora) -> dict:
     index = int(prepared.side.device.partition(":")[2] or 0)
-    return capture(prepared.device, index, prepared.side.dtype, model_dir, adapter, batch, lora, _scale(prepared))
-
-
-def _capture_mindspore(prepared: Prepared, model_dir, adapter, batch, lora) -> dict:
-    from ..backends.mindspore_parity import capture
-
-    return capture(prepared.device, prepared.side.dtype, model_dir, adapter, batch, lora, _scale(prepared))
+    return framework(prepared.side.framework).capture(prepared.device, index, prepared.side.dtype, model_dir,
+                                                      adapter, batch, lora, _scale(prepared))
 
 
 def _scale(prepared: Prepared) -> float:
     return FP16_LOSS_SCALE if prepared.side.dtype == "fp16" else 1.0
 
 
-# One capture per framework (the keys are config.FRAMEWORKS); each imports its framework only when run.
-CAPTURES: dict[str, Callable[..., dict]] = {"torch": _capture_torch, "mindspore": _capture_mindspore}
 
 
 def prepare(side: Side, flag: str) -> Prepared:
@@ -434,16 +427,12 @@ def prepare(side: Side, flag: str) -> Prepared:
     Raises:
         ParityError: it cannot, with the reason and the fix, prefixed by the option (`--a`, `--b`).
     """
-    from ..backends import BackendUnavailable
-    from .precision import PrecisionError, resolve_precision
-    from .runtime import get_runtime
-
     try:
         choice = get_runtime(side.framework, side.device)
         resolve_precision(side.dtype, choice.device_name, choice.device.capabilities)
     except (RecipeError, BackendUnavailable, PrecisionError) as e:
         raise ParityError(f"--{flag} {side}: {e}") from None
-    return Prepared(side, choice.device, CAPTURES[side.framework])
+    return Prepared(side, choice.device, _capture)
 
 
 def run_side(prepared: Prepared, model_dir: Path, adapter: Optional[Path], batch: dict, lora: SyntheticLora) -> dict:

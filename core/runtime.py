@@ -1,17 +1,14 @@
-"""The framework interface: what the training loop needs from a framework, and the one place a
-framework is chosen.
+"""The framework interface: what the training loop needs from a framework.
 
 Two interfaces meet here. A **Backend** (`backends/base.py`) is a device as torch sees it; a
 **Runtime** is a model, its tuning method and its optimizer inside one framework. `TorchRuntime`
 (`backends/torch_runtime.py`, on any Backend) and `MindSporeRuntime` (`backends/mindspore.py`, on a
 `MindSporeDevice`) implement the protocol side by side; `core/trainer.py` is typed against it only.
-`get_runtime(framework, device)` returns what a run needs to start one.
+`tuneport.frameworks.get_runtime(framework, device)` returns a RuntimeChoice: what a run needs to start one.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -19,12 +16,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..backends.base import MemoryStats
-from .errors import RecipeError, RunError
 from .config import Recipe
 from .distributed import Dist
 from .precision import PrecisionPlan
-
-log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
@@ -90,55 +84,3 @@ class RuntimeChoice:
     device: Any
     build: Callable[[Recipe, PrecisionPlan, Path, Dist], Runtime]
     data_parallel: bool = True  # joins a torchrun job's process group
-
-
-def _torch(device: str) -> RuntimeChoice:
-    from ..backends import pick_backend
-
-    try:
-        name, backend = pick_backend(device)
-    except ValueError as e:
-        raise RecipeError(f"device: {e}") from None
-
-    def build(recipe: Recipe, precision: PrecisionPlan, model_dir: Path, dist: Dist) -> Runtime:
-        from ..backends.torch_runtime import TorchRuntime
-
-        return TorchRuntime(recipe, backend, precision, model_dir, dist)
-
-    return RuntimeChoice("torch", name, backend, build)
-
-
-def _mindspore(device: str) -> RuntimeChoice:
-    from ..backends.mindspore import MindSporeDevice, MindSporeRuntime
-    from .distributed import launched
-
-    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
-        raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
-                       "path (torchrun, hccl on Ascend)")
-    if device == "auto":
-        device = "cpu"
-        log.warning("framework mindspore: device auto means the CPU; pass --device npu for Ascend")
-    ms_device = MindSporeDevice(device)
-
-    def build(recipe: Recipe, precision: PrecisionPlan, model_dir: Path, dist: Dist) -> Runtime:
-        return MindSporeRuntime(recipe, ms_device, precision, model_dir, dist)
-
-    return RuntimeChoice("mindspore", device, ms_device, build, data_parallel=False)
-
-
-# The framework registry: each entry imports its framework only when chosen. Its names are
-# config.FRAMEWORKS (which recipes and the command line check without importing this module).
-FRAMEWORKS: dict[str, Callable[[str], RuntimeChoice]] = {"torch": _torch, "mindspore": _mindspore}
-
-
-def get_runtime(framework: str, device: str) -> RuntimeChoice:
-    """Choose the framework and its device: the one place a run picks either.
-
-    Raises:
-        RecipeError: an unknown framework or device name.
-        BackendUnavailable: the device or the framework is not usable here (the message names the fix).
-    """
-
-    if framework not in FRAMEWORKS:
-        raise RecipeError(f"framework: {framework!r} is not one of {', '.join(FRAMEWORKS)}")
-    return FRAMEWORKS[framework](device)

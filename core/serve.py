@@ -468,7 +468,7 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     import importlib.util
 
     from ..backends import open_backend
-    from ..backends.torch_runtime import load_tuned_model
+    from ..frameworks.torch.build import load_tuned_model
     from ..models import family_for
 
     host = host.strip("[]")  # [::1] as in a URL

@@ -133,6 +133,11 @@ class ModelFamily:
         prefix_shape: (config) -> peft PrefixTuningConfig keys (num_attention_heads, token_dim) for a
             config whose KV geometry peft cannot read (grouped KV heads under other names); optional.
         linear_layers: every adaptable linear layer's name (for error messages).
+        blocks: the module path of its list of transformer blocks (the same in every framework), whose
+            parameters are named `BLOCKS.N.…`; "" when the family does not say (freeze tuning and
+            `tuneport parity` need it).
+        prefix_encoder: the module path of its own P-tuning v2 prefix encoder, built when config.json has
+            `pre_seq_len`; "" for none.
         reference: (name, config maker) of the family's flagship size, for tables (`tuneport methods`); optional.
         builders: base models it builds by name: name -> (config maker, folder writer).
         convert: (source folder, destination) -> None, the weights rewritten as safetensors; optional.
@@ -157,6 +162,8 @@ class ModelFamily:
     check_vocabulary: Callable[..., None]
     lora_targets: tuple[str, ...]
     linear_layers: tuple[str, ...]
+    blocks: str = ""
+    prefix_encoder: str = ""
     ia3_targets: tuple[str, ...] = ()
     ia3_feedforward: tuple[str, ...] = ()
     prefix_shape: Optional[Callable[[Any], dict]] = None

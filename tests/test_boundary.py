@@ -1,5 +1,5 @@
 """The boundaries, checked on the import graph and calls with the AST. Devices: only backends/ (and a
-framework's own model file, models/*/mindspore.py) may import torch_npu or mindspore, reach
+framework's own files: its package, frameworks/mindspore/, and its model files, models/*/mindspore.py) may import torch_npu or mindspore, reach
 torch.cuda / torch.npu / torch.backends.cuda, call `.cuda()` / `.npu()`, or name the "cuda" / "npu"
 devices in a call. Comments and strings elsewhere do not count; tests are exempt (they name these
 modules to fake or skip them). Models: core/ reaches a model family only through the registry,
@@ -69,7 +69,8 @@ def checked_files() -> list[Path]:
         if top.name.startswith(".") or top.name in ("backends", "tests", "build"):
             continue
         candidates = [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
-        files += [p for p in candidates if not (p.parts[len(REPO.parts)] == "models" and p.stem == "mindspore")]
+        files += [p for p in candidates if not (p.parts[len(REPO.parts)] == "models" and p.stem == "mindspore")
+                  and p.parts[len(REPO.parts):len(REPO.parts) + 2] != ("frameworks", "mindspore")]
     return files
 
 

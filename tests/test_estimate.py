@@ -27,7 +27,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from tuneport.backends import get_backend
-from tuneport.backends.torch_runtime import TorchRuntime
+from tuneport.frameworks.torch.runtime import TorchRuntime
 from tuneport.core.config import load_recipe
 from tuneport.core.estimate import estimate
 from tuneport.core.precision import resolve_precision

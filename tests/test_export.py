@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneport.backends.torch_runtime import load_tuned_model
+from tuneport.frameworks.torch.build import load_tuned_model
 from tuneport.core.cli import main
 from tuneport.core.data import file_sha256
 from tuneport.core.export import COPIED, RELEASE, SKIPPED, release_code
@@ -117,7 +117,7 @@ def test_qlora_export_matches_the_qlora_model(golden, datasets, tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (tuneport[qlora])")
     from peft import PeftModel
 
-    from tuneport.backends.torch_runtime import quantize_linear_4bit
+    from tuneport.frameworks.torch.methods.qlora import quantize_linear_4bit
 
     run = tmp_path / "run"
     assert main(["train", str(Path(__file__).resolve().parents[1] / "recipes/chatglm3_6b_qlora.yaml"), f"model={golden / 'checkpoint'}", "train.max_steps=2",

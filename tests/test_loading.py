@@ -166,7 +166,7 @@ def prefix_adapter(golden, folder, rename=None):
 
 
 def test_ptuning_result_loads_strictly(golden, tmp_path):
-    from tuneport.backends.torch_runtime import load_tuned_model
+    from tuneport.frameworks.torch.build import load_tuned_model
 
     good = load_tuned_model(golden / "checkpoint", prefix_adapter(golden, tmp_path / "good"))
     expected = load_file(golden / "prefix_encoder.safetensors")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuneport.backends import get_backend
-from tuneport.backends.torch_runtime import TorchRuntime
+from tuneport.frameworks.torch.runtime import TorchRuntime
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe
 from tuneport.core.precision import resolve_precision
@@ -246,7 +246,8 @@ def test_prompt_methods_generate_as_the_uncached_model_does(golden, method):
 QLORA_AFTER_LORA = """
 import sys, torch
 from pathlib import Path
-from tuneport.backends.torch_runtime import apply_method, quantize_linear_4bit
+from tuneport.frameworks.torch.build import apply_method
+from tuneport.frameworks.torch.methods.qlora import quantize_linear_4bit
 from tuneport.core.methods import LoraConfig, QLoraConfig
 from tuneport.models import family_for
 from tuneport.models.chatglm3 import load_model
@@ -265,7 +266,8 @@ def test_lora_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(golden):
     and a second of start-up); afterwards peft finds it again, and a QLoRA model built in the same process is
     layer for layer the one built where bitsandbytes was never hidden (this process, which imported peft with it)."""
     pytest.importorskip("bitsandbytes", reason="shows only where bitsandbytes is installed (tuneport[qlora])")
-    from tuneport.backends.torch_runtime import apply_method, quantize_linear_4bit
+    from tuneport.frameworks.torch.build import apply_method
+    from tuneport.frameworks.torch.methods.qlora import quantize_linear_4bit
     from tuneport.core.methods import QLoraConfig
     from tuneport.models import family_for
 

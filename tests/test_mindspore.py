@@ -16,7 +16,7 @@ from tuneport.backends import get_backend  # noqa: E402
 from tuneport.core.cli import main  # noqa: E402
 from tuneport.core.config import load_recipe  # noqa: E402
 from tuneport.core.precision import resolve_precision  # noqa: E402
-from tuneport.backends.torch_runtime import TorchRuntime  # noqa: E402
+from tuneport.frameworks.torch.runtime import TorchRuntime  # noqa: E402
 from tuneport.models.chatglm3 import load_model as load_torch_model  # noqa: E402
 from tuneport.models.chatglm3 import mindspore as msmodel  # noqa: E402
 

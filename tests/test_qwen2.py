@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from tuneport.backends import get_backend
 from tuneport.backends.cpu import CPUBackend
-from tuneport.backends.torch_runtime import load_tuned_model
+from tuneport.frameworks.torch.build import load_tuned_model
 from tuneport.core.cli import main
 from tuneport.core.data import to_messages
 from tuneport.models import CheckpointError, family_for
@@ -462,7 +462,7 @@ def test_every_peft_method_trains_qwen2_and_generates_as_the_uncached_model(fold
     zero, so checkpointing, which transformers' Qwen2 layers would run without the prefix, stays off),
     then cached greedy generation against the reference: the whole sequence re-run without a cache."""
     from tuneport.backends import get_backend
-    from tuneport.backends.torch_runtime import TorchRuntime
+    from tuneport.frameworks.torch.runtime import TorchRuntime
     from tuneport.core.config import load_recipe
     from tuneport.core.precision import resolve_precision
 

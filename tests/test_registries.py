@@ -186,7 +186,7 @@ def test_a_second_model_family_trains_with_tuneport_train(tmp_path):
 
 def test_the_framework_names_recipes_check_are_the_registrys():
     from tuneport.core.config import FRAMEWORKS
-    from tuneport.core.runtime import FRAMEWORKS as REGISTRY
+    from tuneport.frameworks import FRAMEWORKS as REGISTRY
 
     assert tuple(REGISTRY) == FRAMEWORKS
 

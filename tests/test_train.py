@@ -16,7 +16,8 @@ from tuneport.backends import get_backend
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe
 from tuneport.core.precision import resolve_precision
-from tuneport.backends.torch_runtime import TorchRuntime, load_tuned_model
+from tuneport.frameworks.torch.build import load_tuned_model
+from tuneport.frameworks.torch.runtime import TorchRuntime
 from tuneport.core.trainer import label_tokens
 from tuneport.models.chatglm3 import load_model
 
@@ -231,7 +232,7 @@ def test_qlora_without_4bit_kernels_is_a_clear_error(tmp_path, golden):
     from dataclasses import replace
 
     from tuneport.backends.cpu import CPUBackend
-    from tuneport.backends.torch_runtime import MethodUnavailable
+    from tuneport.core.errors import MethodUnavailable
 
     class NoBitsAndBytes(CPUBackend):  # stands in for a device without 4-bit kernels
         @property

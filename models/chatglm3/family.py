@@ -36,6 +36,8 @@ def family() -> ModelFamily:
         check_vocabulary=check_vocabulary,
         lora_targets=("query_key_value",),  # the official fine-tuning demo's
         linear_layers=LINEAR_LAYERS,
+        blocks="transformer.encoder.layers",
+        prefix_encoder="transformer.prefix_encoder",
         # as peft's for fused-QKV models (Bloom, GPT-NeoX): the attention's output and the MLP's input to its last layer
         ia3_targets=("query_key_value", "dense_4h_to_h"),
         ia3_feedforward=("dense_4h_to_h",),

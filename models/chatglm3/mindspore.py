@@ -269,6 +269,10 @@ class ChatGLMForConditionalGeneration(nn.Cell):
         self.transformer = ChatGLMModel(config)
         self.compute_dtype = None  # mixed precision: activations in this dtype, weights stay float32
 
+    def get_output_embeddings(self) -> nn.Cell:
+        """The output layer (transformers' name for it, as the torch model has)."""
+        return self.transformer.output_layer
+
     def _prefix(self, batch: int, dtype):
         config = self.config
         tokens = Tensor(np.arange(config.pre_seq_len)[None].repeat(batch, 0).astype(np.int32))

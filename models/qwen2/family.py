@@ -21,6 +21,7 @@ def family() -> ModelFamily:
         check_vocabulary=check_vocabulary,
         lora_targets=LINEAR_LAYERS,  # QwenLM/Qwen2.5 examples/sft/finetune.py, LoraArguments
         linear_layers=LINEAR_LAYERS,
+        blocks="model.layers",
         ia3_targets=("q_proj", "v_proj", "down_proj"),  # peft's defaults for qwen2
         ia3_feedforward=("down_proj",),
         model_class=Qwen2ForCausalLM,

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2 import modeling_qwen2
 
 from ...backends.base import Kernels
-from ...backends.reference import REFERENCE_KERNELS
+from ...backends.reference import REFERENCE_KERNELS, rotary_half
 from .. import older_cache_name
 from ..loss import label_loss, shifted_loss
 from ..transformers_attention import ATTENTION
@@ -48,8 +48,9 @@ class Attention(modeling_qwen2.Qwen2Attention):
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
-        query = self.kernels.rotary_half(self.q_proj(hidden_states).view(shape), cos, sin).transpose(1, 2)
-        key = self.kernels.rotary_half(self.k_proj(hidden_states).view(shape), cos, sin).transpose(1, 2)
+        rotate = self.kernels.rotary_half or rotary_half  # a table without it: the reference's
+        query = rotate(self.q_proj(hidden_states).view(shape), cos, sin).transpose(1, 2)
+        key = rotate(self.k_proj(hidden_states).view(shape), cos, sin).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)

@@ -16,23 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Backend
-from .torch_runtime import DTYPES
+from ...backends.base import Backend
+from ...models import family_for
+from .build import DTYPES, build_tuned_model
 
 
 
 def _numpy(value) -> np.ndarray:
     value = value[0] if isinstance(value, (tuple, list)) else value
     return value.detach().float().cpu().numpy()
-
-
-def blocks_of(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's transformer blocks: its first ModuleList of `num_layers` modules (ChatGLM3's
-    `transformer.encoder.layers`, Qwen2's `model.layers`)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"{type(model).__name__}: no list of {num_layers} blocks to capture")
 
 
 def _attach_lora(model: nn.Module, lora) -> nn.Module:
@@ -46,14 +38,6 @@ def _attach_lora(model: nn.Module, lora) -> nn.Module:
         if ".lora_" in name:
             param.data = torch.from_numpy(lora.weight(name, tuple(param.shape))).to(param.device)
     return model
-
-
-def _trained(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters a run trains on top of `model`: a peft adapter's, or P-tuning v2's prefix encoder."""
-    adapter = getattr(model, "active_adapter", None)
-    if isinstance(adapter, str):  # a PeftModel: its adapter's parameters carry the adapter's name
-        return {n: p for n, p in model.named_parameters() if adapter in n.split(".")}
-    return {n: p for n, p in model.named_parameters() if n.startswith("transformer.prefix_encoder.")}
 
 
 def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, adapter: Optional[Path],
@@ -74,18 +58,15 @@ def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, ad
         float32 arrays in forward order: `embedding`, `layers.N` for each block, `final_norm`, `logits`,
         `loss`, then `grad:NAME` for each trained parameter (peft's names, as the model has them).
     """
-    from ..models import family_for
-    from .torch_runtime import load_tuned_model
-
     compute = DTYPES[dtype]
     torch.manual_seed(0)
     backend.manual_seed(0)
-    if adapter is not None:
-        model = load_tuned_model(model_dir, adapter, backend, dtype=compute, device_index=device_index)
-    else:
-        base = family_for(model_dir).load_model(model_dir, backend, dtype=compute, device_index=device_index)
-        model = _attach_lora(base, lora)
-    trained = _trained(model)
+    tuned = build_tuned_model(model_dir, None, backend, "load", compute, device_index=device_index, adapter=adapter)
+    model = tuned.model if adapter is not None else _attach_lora(tuned.model, lora)
+    family = family_for(model_dir)
+    # the weights the result was trained in (the synthetic LoRA's: a peft adapter's, by its name)
+    trained = tuned.method.trained(model, family) if tuned.method else \
+        {n: p for n, p in model.named_parameters() if model.active_adapter in n.split(".")}
     model.requires_grad_(False)
     for param in trained.values():  # trained weights stay float32, as in a run
         param.data = param.data.float()
@@ -93,7 +74,7 @@ def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, ad
     model.eval()  # no dropout: both sides see the same function
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    blocks = blocks_of(inner, inner.config.num_hidden_layers)
+    blocks = inner.get_submodule(family.blocks)
     captured: dict[str, np.ndarray] = {}
 
     def keeper(name: str) -> Callable:

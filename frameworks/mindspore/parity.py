@@ -4,7 +4,7 @@ The model is set up as `MindSporeRuntime` trains it (float32 weights, activation
 fp16 losses scaled), in PyNative mode, where cells take torch-style forward hooks: the first block's input
 (the embedding), every block's output and the output layer's input (the final norm). A forward with the
 hooks gives those, the logits and the loss; `mindspore.value_and_grad` then gives every trained
-parameter's gradient. The same rows, under the same names, as `torch_parity.capture`.
+parameter's gradient. The same rows, under the same names, as the torch framework's `parity.capture`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..models import CheckpointError, family_for, read_json
+from ...models import CheckpointError, family_for, read_json
 
 
 def _numpy(value) -> np.ndarray:
@@ -24,22 +24,12 @@ def _numpy(value) -> np.ndarray:
     return value.astype(ms.float32).asnumpy()
 
 
-def _blocks(model, num_layers: int):
-    """The model's transformer blocks: its first CellList of `num_layers` cells."""
-    from mindspore import nn
-
-    for _, cell in model.cells_and_names():
-        if isinstance(cell, nn.CellList) and len(cell) == num_layers:
-            return cell
-    raise ValueError(f"{type(model).__name__}: no list of {num_layers} blocks to capture")
-
-
-def _head(model):
-    """The output layer (whose input is the final norm's output)."""
+def _cell(model, path: str):
+    """The cell at `path` (the family's names, as torch's modules have them)."""
     for name, cell in model.cells_and_names():
-        if name.rsplit(".", 1)[-1] in ("output_layer", "lm_head"):
+        if name == path:
             return cell
-    raise ValueError(f"{type(model).__name__}: no output layer to capture")
+    raise ValueError(f"{type(model).__name__}: no cell {path} to capture")
 
 
 def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch: dict[str, np.ndarray], lora,
@@ -76,11 +66,11 @@ def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch:
     def keeper(name: str):
         return lambda cell, args, output: captured.__setitem__(name, _numpy(output))
 
-    blocks = _blocks(model, model.config.num_layers)
+    blocks = _cell(model, family.blocks)
     hooks = [blocks[0].register_forward_pre_hook(lambda cell, args: captured.__setitem__("embedding",
                                                                                            _numpy(args[0])))]
     hooks += [block.register_forward_hook(keeper(f"layers.{i}")) for i, block in enumerate(blocks)]
-    hooks.append(_head(model).register_forward_pre_hook(
+    hooks.append(model.get_output_embeddings().register_forward_pre_hook(
         lambda cell, args: captured.__setitem__("final_norm", _numpy(args[0]))))
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     num_items = int((labels[:, 1:] != -100).sum())

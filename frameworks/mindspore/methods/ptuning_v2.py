@@ -1,0 +1,27 @@
+"""P-tuning v2: the family's own prefix encoder trains, saved under the official names."""
+
+import json
+
+from safetensors.numpy import save_file
+
+from ....core.errors import MethodUnavailable
+from ..method import MindSporeMethod
+
+
+class PtuningV2(MindSporeMethod):
+    def attach(self, model, build) -> None:
+        prefix = build.family.prefix_encoder
+        if not prefix:
+            raise MethodUnavailable(f"method ptuning_v2 is ChatGLM's own prefix encoder; {build.family.model_type} "
+                                    "has none: use method prefix_tuning")
+        for name, param in model.parameters_and_names():
+            param.requires_grad = name.startswith(f"{prefix}.")
+
+    def save(self, model, build, folder, trained) -> None:
+        m = build.method
+        (folder / "prefix_config.json").write_text(json.dumps(
+            {"pre_seq_len": m.num_virtual_tokens, "prefix_projection": m.prefix_projection}))
+        save_file({n: p.asnumpy() for n, p in trained.items()}, str(folder / "prefix_encoder.safetensors"))
+
+
+METHOD = PtuningV2()

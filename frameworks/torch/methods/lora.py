@@ -1,0 +1,5 @@
+"""LoRA through peft."""
+
+from ..method import LoraLike
+
+METHOD = LoraLike()

@@ -1,0 +1,13 @@
+"""Prompt tuning through peft."""
+
+from ..method import PeftMethod
+
+
+class PromptTuning(PeftMethod):
+    def peft_config(self, method, family, model_config, max_steps):
+        import peft
+
+        return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+METHOD = PromptTuning()

@@ -1,0 +1,269 @@
+"""TorchRuntime: the training loop's view of a torch model on one backend.
+
+It builds the model with its tuning method (`build.build_tuned_model`, the method's hooks in
+`methods/`), and runs micro-batch forward/backward, optimizer steps, evaluation, checkpoints and
+generation. Batches arrive as numpy arrays; device specifics come from the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...backends.base import Backend, MemoryStats
+from ...core.checkpoints import torch_save
+from ...core.config import Recipe, resolve_path
+from ...core.distributed import Dist
+from ...core.errors import MethodUnavailable
+from ...core.estimate import choose_checkpointing
+from ...core.evaluate import generate_replies
+from ...core.methods import decays
+from ...core.precision import PrecisionPlan
+from .build import DTYPES, build_tuned_model
+
+log = logging.getLogger(__name__)
+
+
+class TorchRuntime:
+    """One model, one tuning method, one optimizer, on one backend.
+
+    With several processes (torchrun) the model is wrapped in DistributedDataParallel, or handed to
+    DeepSpeed when the recipe names a DeepSpeed config; either averages gradients over processes, so
+    each process scales its loss by the world size to keep the token-sum normalisation.
+
+    Args:
+        recipe: the validated recipe.
+        backend: the device backend.
+        precision: the resolved precision plan.
+        model_dir: official-layout checkpoint folder of the base model.
+        dist: this process's place in a data-parallel job.
+    """
+
+    def __init__(self, recipe: Recipe, backend: Backend, precision: PrecisionPlan, model_dir: Path,
+                 dist: Dist = Dist()):
+        self.recipe = recipe
+        self.backend = backend
+        self.precision = precision
+        self.dist = dist
+        self.model_dir = Path(model_dir)
+        self.device = backend.device(dist.local_rank)
+        self.compute_dtype = DTYPES[precision.compute]
+        torch.manual_seed(recipe.train.seed)  # adapter initialisation is part of the run's seed
+        backend.manual_seed(recipe.train.seed)
+        t = recipe.train
+        tuned = build_tuned_model(self.model_dir, recipe.method, backend, "train", self.compute_dtype,
+                                  device_index=dist.local_rank, max_steps=t.max_steps,
+                                  shares=t.grad_accum * dist.world_size, checkpointing=self._checkpointing,
+                                  required=t.gradient_checkpointing is True)
+        self.model, self.impl, self.build = tuned.model, tuned.method, tuned.build
+        self.family = self.build.family
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise MethodUnavailable(f"method {recipe.method.name}: nothing to train")
+        log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.trainable.values()):,}")
+        decay = [p for n, p in self.trainable.items() if decays(n, p.ndim)]
+        no_decay = [p for n, p in self.trainable.items() if not decays(n, p.ndim)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
+        self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
+        self.steps_done = 0  # optimizer steps taken (a method's schedule may count them: its state saves them)
+        self.engine = None  # DeepSpeed engine, when the recipe asks for one
+        self.forward_model = self.model
+        if recipe.deepspeed:
+            self._start_deepspeed(precision)
+        elif dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = None if self.device.type == "cpu" else [self.device.index]
+            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.model.train()
+
+    def _start_deepspeed(self, precision: PrecisionPlan) -> None:
+        """Hand the model and optimizer to DeepSpeed (ZeRO stage and the rest from the recipe's config)."""
+        import deepspeed
+
+        if self.device.type == "cpu":
+            # On the CPU, DeepSpeed would first compile a shared-memory all-reduce extension into the user's
+            # cache (minutes); torch's gloo, already running, does that job without a compiler.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        t = self.recipe.train
+        config = json.loads(resolve_path(self.recipe.deepspeed).read_text())
+        config.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+                      gradient_clipping=t.grad_clip or 0.0, zero_allow_untested_optimizer=True)
+        config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+        config["bf16"] = {"enabled": precision.compute == "bf16"}
+        config["fp16"] = {"enabled": precision.compute == "fp16", "loss_scale": 0}  # 0: dynamic
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config)
+        self.forward_model = self.engine
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+
+    # --- building -----------------------------------------------------------------------------------
+    def _checkpointing(self, model: nn.Module) -> bool:
+        """The recipe's gradient checkpointing; `auto` asks the memory estimate against the device (and
+        is off for a model that cannot checkpoint)."""
+        wanted = self.recipe.train.gradient_checkpointing
+        if wanted != "auto":
+            return bool(wanted)
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            return False
+        return choose_checkpointing(self.recipe, self.backend.name, self.backend.capabilities.memory_total)
+
+    # --- training -----------------------------------------------------------------------------------
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int, boundary: bool = True) -> float:
+        """Add this micro-batch's gradients; its loss is summed over label tokens / `num_items`.
+
+        Args:
+            batch: numpy input_ids, labels, attention_mask.
+            num_items: label tokens in the whole optimizer step, over all processes.
+            boundary: the step's last micro-batch (gradients are exchanged between processes only then).
+
+        Returns:
+            This micro-batch's share of the step's token-averaged loss.
+        """
+        inputs = self._tensors(batch)
+        ddp = self.engine is None and self.forward_model is not self.model
+        with self.forward_model.no_sync() if ddp and not boundary else nullcontext():
+            with self.backend.autocast(self.compute_dtype):
+                loss = self.forward_model(**inputs, num_items_in_batch=num_items, use_cache=False,
+                                          loss_only=True).loss
+            scaled = loss * self.dist.world_size  # DDP and DeepSpeed average over processes; we want the sum
+            if self.engine is not None:
+                self.engine.backward(scaled, scale_wrt_gas=False)
+                if not boundary:
+                    self.engine.step()  # only advances DeepSpeed's micro-step count
+            else:
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.item()
+
+    def optimizer_step(self, lr: float, grad_clip: Optional[float]) -> float:
+        """Apply the accumulated gradients with learning rate `lr`; returns the gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.engine is not None:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm() or 0.0)
+        params = list(self.trainable.values())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.steps_done += 1
+        if math.isfinite(float(norm)):  # not after a step fp16's loss scaler skipped
+            self.impl.after_step(self.model, self.steps_done)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of token losses, number of label tokens) for one batch, in eval mode."""
+        self.model.eval()
+        try:
+            inputs = self._tensors(batch)
+            model = self.impl.task_model(self.model)  # the task's loss alone (AdaLoRA adds a penalty)
+            with self.backend.autocast(self.compute_dtype):
+                loss = model(**inputs, num_items_in_batch=1, use_cache=False, loss_only=True).loss
+            return float(loss), int((inputs["labels"][:, 1:] != -100).sum())
+        finally:
+            self.model.train()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Write everything needed to continue bit for bit: trained weights, optimizer, scaler, and
+        every process's random generators. Called on every process; shared files come from rank 0."""
+        torch_save({"torch_rng": torch.get_rng_state(), "device_rng": self.backend.rng_state()},
+                   folder / f"rng-rank{self.dist.rank}.pt")
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        if not self.dist.is_main or self.engine is not None:  # DeepSpeed's checkpoint holds weights and optimizer
+            return
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
+                  folder / "trainable.safetensors")
+        torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if self.scaler:
+            torch_save(self.scaler.state_dict(), folder / "scaler.pt")
+        if self.impl.state_file:
+            torch_save(self.impl.state(self.model, self.steps_done), folder / self.impl.state_file)
+
+    def load_state(self, folder: Path) -> None:
+        rng = torch.load(folder / f"rng-rank{self.dist.rank}.pt", weights_only=True)
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+            self._restore_rng(rng)
+            return
+        weights = load_file(folder / "trainable.safetensors", device=str(self.device))
+        missing = sorted(set(self.trainable) - set(weights))
+        if missing:
+            raise MethodUnavailable(f"{folder}: checkpoint lacks trained weights {missing[:3]}; it is from another "
+                                    "method or recipe: resume without changing method.*")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(weights[name])
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        if self.scaler:
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        if self.impl.state_file:
+            self.steps_done = self.impl.set_state(self.model, torch.load(folder / self.impl.state_file,
+                                                                         map_location=self.device, weights_only=True))
+        self._restore_rng(rng)
+
+    def _restore_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch_rng"])
+        self.backend.set_rng_state(rng["device_rng"])
+
+    def save_adapter(self, folder: Path) -> None:
+        """The tuned result in its method's portable format: a PEFT adapter folder for the peft methods
+        (`peft.PeftModel.from_pretrained(load_model(base), folder)`), `prefix_config.json` and
+        `prefix_encoder.safetensors` under the official names for P-tuning v2, a complete checkpoint folder
+        for full and freeze tuning; `build.load_tuned_model` loads any of them."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.impl.save(self.model, self.build, folder, self.trainable)
+
+    def memory_stats(self) -> MemoryStats:
+        return self.backend.memory_stats()
+
+    # --- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       pad_id: int) -> list[list[int]]:
+        """Greedy replies to many prompts, batched `micro_batch_size` at a time with left padding."""
+        self.model.eval()
+        try:
+            with self.backend.autocast(self.compute_dtype):
+                return generate_replies(self.model, prompts, stop_ids, pad_id, max_new_tokens,
+                                        self.recipe.train.micro_batch_size)
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
+        """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""
+        self.model.eval()
+        try:
+            ids = torch.tensor([prompt_ids], device=self.device)
+            with self.backend.autocast(self.compute_dtype):
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
+            new = out[0, len(prompt_ids):].tolist()
+            return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
+        finally:
+            self.model.train()
+
