@@ -23,11 +23,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from .errors import DataError
+
+if TYPE_CHECKING:  # annotations only; the functions import it when they run
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -466,6 +467,8 @@ def collate(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
+    import numpy as np
+
     longest = max(len(ids) for ids, _ in samples)
     input_ids = np.full((len(samples), longest), pad_id, dtype=np.int64)
     labels = np.full((len(samples), longest), IGNORE_INDEX, dtype=np.int64)
@@ -499,6 +502,8 @@ def epoch_order(num_samples: int, seed: int, epoch: int, lengths: Optional[Seque
     Returns:
         A permutation of range(num_samples), int64.
     """
+    import numpy as np
+
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_samples)
     if lengths is None or batch <= 1 or num_samples <= batch:

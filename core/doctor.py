@@ -10,6 +10,8 @@ from dataclasses import asdict
 
 from .errors import RecipeError, RunError
 from .versions import installed
+from ..backends import BackendUnavailable, doctor_lines
+from ..frameworks import get_runtime
 
 ENV_VARS = (
     "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "PYTORCH_NPU_ALLOC_CONF", "TORCH_DEVICE_BACKEND_AUTOLOAD",
@@ -27,9 +29,6 @@ def _gib(n: int) -> str:
 
 def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     """Lines of the report for `device` under `framework`, and whether it is usable."""
-    from ..backends import BackendUnavailable, doctor_lines
-    from ..frameworks import get_runtime
-
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]
     for name in ("torch", "transformers", "peft", "safetensors", "numpy", "bitsandbytes", "deepspeed", "mindspore"):

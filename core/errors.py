@@ -53,6 +53,10 @@ class Stopped(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
+class Unsupported(RuntimeError):
+    """The model family lacks what was asked for (a framework, a method, export, serve, ...): `ModelFamily.require`."""
+
+
 class ParityError(ValueError):
     """Bad input to `tuneport parity`; the message names the option, the problem and the fix."""
 
@@ -63,4 +67,4 @@ class MissingDependency(ImportError):
 
 # What the CLI reports as one line (FileNotFoundError: a path given on the command line that is not there).
 EXPECTED = (RecipeError, DataError, CheckpointError, PrecisionError, FolderError, MethodUnavailable,
-            BackendUnavailable, RunError, ParityError, MissingDependency, FileNotFoundError)
+            BackendUnavailable, RunError, Unsupported, ParityError, MissingDependency, FileNotFoundError)

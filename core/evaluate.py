@@ -23,10 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..frameworks import framework
 from .errors import RunError
-from .config import DTYPES
-from .rundir import FolderError, atomic_write_text, check_writable, writing
 from .versions import tuneport_version
+from .data import DataError, FORMATS, fail, file_sha256, read_conversations
+from .rundir import FolderError, atomic_write_text, check_writable, read_json_object, writing
+from ..backends import open_backend
+from ..models import family_for
+from .config import DTYPES, resolve_path
+from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
 
 EVAL_RECORD = "eval.json"
 PREDICTIONS = "predictions.jsonl"
@@ -67,8 +72,6 @@ def read_dev_set(path: Path, fmt: str = "auto", limit: Optional[int] = None) -> 
         DataError: one line naming the file, the first problem's line and the fix, and how many more
             problems there are; among them a record with no (or an empty) assistant reply to score against.
     """
-    from .data import fail, read_conversations
-
     conversations, fmt, count = read_conversations(path, fmt)
     samples, problems = [], []
     for line, messages in conversations[:limit]:
@@ -119,8 +122,6 @@ def build_prompts(tokenizer, samples: Sequence[DevSample], max_input_length: int
     Raises:
         DataError: a conversation the tokenizer cannot render, naming `path` and the sample's line.
     """
-    from .data import DataError
-
     start = reply_start(tokenizer)
     prompts, truncated = [], 0
     for sample in samples:
@@ -139,62 +140,9 @@ def decode_replies(tokenizer, replies: Sequence[Sequence[int]]) -> list[str]:
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
 
 
-# --- generation ---------------------------------------------------------------------------------------
-def generate_replies(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], pad_id: int,
-                     max_new_tokens: int, batch_size: int = 8, progress: bool = False) -> list[list[int]]:
-    """Greedy replies to `prompts`, generated `batch_size` at a time with left padding.
-
-    Prompts are batched longest first (less padding); each row's attention mask is 0 at its padding.
-    ChatGLM3 does not shift positions for padding (as the official model), which leaves the replies
-    unchanged: its rotary embedding depends on distances between tokens only.
-
-    Args:
-        model: a torch causal LM with transformers' `generate` (a base model or a peft model).
-        prompts: token ids of each prompt.
-        stop_ids: generation ends at any of these (not included in the reply).
-        pad_id: the id left padding uses.
-        max_new_tokens: the longest reply.
-        batch_size: prompts per batch.
-        progress: show a progress bar on stderr.
-
-    Returns:
-        The reply ids for each prompt, in the order of `prompts`.
-    """
-    import torch
-    from tqdm import tqdm
-
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        batch_size = 1  # peft puts its virtual tokens before the left padding: replies would depend on the batch
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    replies: list[list[int]] = [[] for _ in prompts]
-    stops = set(stop_ids)
-    bar = tqdm(total=len(prompts), desc="eval", unit="sample", disable=not progress)
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, i in enumerate(rows):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-            attention_mask[row, width - len(prompts[i]):] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 eos_token_id=list(stop_ids), pad_token_id=pad_id)
-        for row, i in enumerate(rows):
-            new = out[row, width:].tolist()
-            replies[i] = new[:next((k for k, token in enumerate(new) if token in stops), len(new))]
-        bar.update(len(rows))
-    bar.close()
-    return replies
-
-
 # --- the output folder --------------------------------------------------------------------------------
 def is_eval_folder(folder: Path) -> bool:
     """Whether `folder` holds an `eval.json` that `tuneport eval` wrote."""
-    from .rundir import read_json_object
-
     record = read_json_object(folder / EVAL_RECORD)
     return record.get("tool") == "tuneport" and "metrics" in record
 
@@ -257,8 +205,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every bad number or choice on the command line, in one RunError."""
-    from .data import FORMATS
-
     problems = [f"--{name.replace('_', '-')}: {value} must be > 0"
                 for name, value in (("batch_size", args.batch_size), ("max_new_tokens", args.max_new_tokens),
                                     ("max_input_length", args.max_input_length), ("limit", args.limit))
@@ -274,12 +220,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """`tuneport eval`: check the arguments, the output folder and the dev file (before loading a
     framework), then generate, score, write eval.json and predictions.jsonl, and print the table."""
-    from ..backends import open_backend
-    from ..models import family_for
-    from .config import resolve_path
-    from .data import file_sha256
-    from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
-
     check_arguments(args)
     try:
         check_libraries()
@@ -303,11 +243,11 @@ def run_eval(args: argparse.Namespace) -> int:
         log.warning("%d of %d prompts cut to %d tokens (--max-input-length)", truncated, len(prompts),
                     args.max_input_length)
 
-    from ..frameworks.torch.build import DTYPES as TORCH_DTYPES, load_tuned_model
-
-    model = load_tuned_model(model_dir, adapter, backend, dtype=TORCH_DTYPES[args.dtype], device_index=index).eval()
+    torch_framework = framework("torch")
+    model = torch_framework.load_tuned_model(model_dir, adapter, backend, dtype=torch_framework.DTYPES[args.dtype],
+                                             device_index=index).eval()
     began = time.time()
-    replies = generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
+    replies = torch_framework.generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
                                args.max_new_tokens, args.batch_size, progress=True)
     seconds = time.time() - began
     predictions = decode_replies(tokenizer, replies)

@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..frameworks import framework
 from ..models import CheckpointError, family_for
 from .config import DTYPES
 from .data import file_sha256
 from .onnx_generate import MODEL_FILE, empty_cache, onnx_generate, open_session, step
 from .checkpoints import atomic_folder
 from .rundir import check_writable, writing
+from ..backends import open_backend
 
 __all__ = ["export", "onnx_generate", "compare_onnx"]
 
@@ -73,8 +75,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     """
     import torch
 
-    from ..backends import open_backend
-    from ..frameworks.torch.build import DTYPES as TORCH_DTYPES, load_tuned_model
+    torch_framework = framework("torch")
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
@@ -98,10 +99,9 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     kept = "the earlier export there is unchanged" if out.exists() else "nothing was written there"
     check_writable(out, f"--out {out}", WRITE_FIX)  # before the model loads
     family = family_for(model)
+    family.require("export" if fmt == "safetensors" else "onnx", f"tuneport export --model {model} --format {fmt}")
     writer = family.save_official if fmt == "safetensors" else family.export_onnx
-    if writer is None:
-        raise CheckpointError(f"{model}: exporting {family.model_type} models as {fmt} is not supported")
-    tuned = load_tuned_model(model, adapter, open_backend("cpu")[1], dtype=torch.float32)
+    tuned = torch_framework.load_tuned_model(model, adapter, open_backend("cpu")[1], dtype=torch.float32)
     peft_config = getattr(tuned, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         raise CheckpointError(f"--adapter {adapter}: a {peft_config.peft_type.value} adapter adds virtual tokens and "
@@ -109,7 +109,7 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
                               f"{model} --adapter {adapter}")
     if hasattr(tuned, "merge_and_unload"):  # a peft model that merges: LoRA, DoRA, AdaLoRA, IA3
         tuned = tuned.merge_and_unload()
-    tuned = tuned.to(TORCH_DTYPES[dtype])
+    tuned = tuned.to(torch_framework.DTYPES[dtype])
 
     # An earlier export (checked above) is replaced only once the new one is complete.
     with writing(f"--out {out}", kept, WRITE_FIX), atomic_folder(out) as tmp:

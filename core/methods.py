@@ -22,6 +22,7 @@ class MethodSettings:
 
     name: str
     spans_run: ClassVar[bool] = False  # its schedule depends on train.max_steps, which a resume cannot change
+    needs: ClassVar[Optional[str]] = None  # the model family feature it needs (models/family.py FEATURES)
 
     def problems(self) -> list[str]:
         """Problems with the method's own fields."""
@@ -31,8 +32,8 @@ class MethodSettings:
         """Problems with the method in this recipe (its length, DeepSpeed, ...)."""
         return []
 
-    def model_overrides(self) -> dict:
-        """config.json keys the method changes in the base model (P-tuning v2 adds a prefix encoder)."""
+    def model_overrides(self, family) -> dict:
+        """config.json keys the method changes in a base model of `family` (P-tuning v2 adds a prefix encoder)."""
         return {}
 
 
@@ -78,6 +79,7 @@ class PtuningV2Config(MethodSettings):
     """P-tuning v2 (Liu et al., 2022): trained key/value prefixes in every layer (ChatGLM's prefix encoder)."""
 
     name: str = "ptuning_v2"
+    needs: ClassVar[Optional[str]] = "ptuning_v2"  # the family's own prefix encoder
     num_virtual_tokens: int = 128  # prefix length
     prefix_projection: bool = False  # the prefix through a 2-layer MLP
 
@@ -85,8 +87,8 @@ class PtuningV2Config(MethodSettings):
         return [f"method.num_virtual_tokens: {self.num_virtual_tokens!r} must be > 0"] \
             if self.num_virtual_tokens <= 0 else []
 
-    def model_overrides(self) -> dict:
-        return dict(pre_seq_len=self.num_virtual_tokens, prefix_projection=self.prefix_projection)
+    def model_overrides(self, family) -> dict:
+        return family.prefix_config(self.num_virtual_tokens, self.prefix_projection) if family.prefix_config else {}
 
 
 @dataclass
@@ -243,6 +245,7 @@ class FreezeConfig(MethodSettings):
     frozen. The trained weights are float32, and the result is a complete checkpoint, as full fine-tuning's."""
 
     name: str = "freeze"
+    needs: ClassVar[Optional[str]] = "freeze"  # the family says where its blocks are
     trainable_layers: int = 2  # the last N blocks train
     trainable_modules: Optional[list[str]] = None  # e.g. [mlp]: only these modules of those blocks; None: all
 

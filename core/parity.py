@@ -73,8 +73,9 @@ from ..frameworks import framework, get_runtime
 from .config import DTYPES, FRAMEWORKS
 from .errors import BackendUnavailable, ParityError, PrecisionError, RecipeError
 from .precision import resolve_precision
-from .rundir import FolderError, check_writable, writing
 from .versions import installed, tuneport_version
+from ..models import CheckpointError, family_for, read_json
+from .rundir import FolderError, atomic_write_text, check_writable, read_json_object, writing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,8 +102,9 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 def embedding_rows(config: dict) -> int:
-    """The model's embedding rows from its config.json (ChatGLM3: padded_vocab_size; others: vocab_size)."""
-    return int(config.get("padded_vocab_size") or config.get("vocab_size") or 0)
+    """The model's embedding rows from its config.json: `vocab_size`, as transformers' configs name it (ChatGLM3's
+    config.json has it too, beside its own name for the same rows)."""
+    return int(config.get("vocab_size") or 0)
 
 
 @dataclass(frozen=True)
@@ -260,8 +262,6 @@ def first_drift(rows: list[Row]) -> Optional[dict]:
 # --- inputs: model, adapter, batch -----------------------------------------------------------------------
 def model_identity(model_dir: Path) -> dict:
     """The model's type and the sha256 of its config.json without the keys that say how it was saved."""
-    from ..models import read_json
-
     config = read_json(model_dir / "config.json")
     kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
@@ -273,8 +273,6 @@ def _weights_sha256(file: Path) -> str:
     import numpy as np
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
-
-    from ..models import CheckpointError
 
     try:
         weights = load_file(str(file))
@@ -294,8 +292,6 @@ def adapter_identity(adapter: Optional[Path], lora: SyntheticLora) -> dict:
     Raises:
         ParityError: not a folder of a tuned result tuneport can compare.
     """
-    from ..models import read_json
-
     if adapter is None:
         return lora.identity()
     if not adapter.is_dir():
@@ -324,8 +320,6 @@ def seeded_batch(model_dir: Path) -> dict:
     (pad id, mask 0, label -100) as training batches are, the first 6 tokens without labels as a prompt."""
     import numpy as np
 
-    from ..models import read_json
-
     config = read_json(model_dir / "config.json")
     vocab = embedding_rows(config)
     if vocab < 2:
@@ -351,8 +345,6 @@ def read_batch(file: Path, model_dir: Path) -> dict:
     import numpy as np
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
-
-    from ..models import read_json
 
     try:
         arrays = load_file(str(file))
@@ -542,8 +534,6 @@ def _short(adapter: dict) -> str:
 # --- outputs -------------------------------------------------------------------------------------------
 def _ours(out: Path) -> Optional[dict]:
     """The parity.json tuneport wrote in `out`, or None."""
-    from .rundir import read_json_object
-
     report = read_json_object(out / REPORT)
     return report if report.get("tool") == "tuneport" and report.get("report") == "parity" else None
 
@@ -618,8 +608,6 @@ def plot(report: dict) -> Optional[bytes]:
 
 def write_outputs(out: Path, report: dict) -> list[Path]:
     """Write parity.json (first: it records what tuneport owns here) and parity.png; return what was written."""
-    from .rundir import atomic_write_text
-
     problems = output_problems(out)  # again: the run took a while, and the folder is the user's
     if problems:
         raise ParityError("; ".join(problems))
@@ -709,8 +697,6 @@ def run_parity(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..models import CheckpointError, family_for
-
     problems: list[str] = []
     side_a, side_b = _sides(args, problems)
     model_dir, adapter = Path(args.model), Path(args.adapter) if args.adapter else None
@@ -727,7 +713,7 @@ def _run(args: argparse.Namespace) -> int:
             adapter_id = adapter_identity(adapter, lora)
         except (CheckpointError, ParityError) as e:
             problems.append(str(e))
-    if lora is not None and family.mindspore is None:
+    if lora is not None and "mindspore" not in family.supports:
         for flag, side in (("a", side_a), ("b", side_b)):
             if side is not None and side.framework == "mindspore":
                 problems.append(f"--framework-{flag} mindspore: {family.model_type} has no MindSpore model; compare "

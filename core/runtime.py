@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import numpy as np
 
 from ..backends.base import MemoryStats
 from .config import Recipe
 from .distributed import Dist
 from .precision import PrecisionPlan
+
+if TYPE_CHECKING:  # annotations only; the functions import it when they run
+    import numpy as np
 
 
 class Runtime(Protocol):

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..frameworks import framework
 from .errors import RunError
+from ..backends import open_backend
+from ..models import family_for
 
 log = logging.getLogger("tuneport.serve")
 API_KEY_ENV = "TUNEPORT_API_KEY"
@@ -467,10 +470,6 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     """
     import importlib.util
 
-    from ..backends import open_backend
-    from ..frameworks.torch.build import load_tuned_model
-    from ..models import family_for
-
     host = host.strip("[]")  # [::1] as in a URL
     if not is_local(host) and not api_key:
         raise RunError(f"--host {host}: not a loopback address, so the server needs an API key: pass --api-key KEY "
@@ -480,8 +479,7 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
         raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
     check_port(host, port)
     family = family_for(model)
-    if family.chat is None:
-        raise RunError(f"{model}: serving {family.model_type} models is not supported")
+    family.require("serve", f"tuneport serve --model {model}")
     try:
         device_name, backend, index = open_backend(device)
     except ValueError as e:
@@ -489,11 +487,11 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     tokenizer = family.load_tokenizer(model)
     config = family.check_checkpoint(model)[0]
     family.check_vocabulary(tokenizer, config, model, model)
-    tuned = load_tuned_model(model, adapter, backend, device_index=index)
+    tuned = framework("torch").load_tuned_model(model, adapter, backend, device_index=index)
     if hasattr(tuned, "merge_and_unload"):  # LoRA folded into the weights: the same answers, faster
         tuned = tuned.merge_and_unload()
     tuned.eval()
-    context = getattr(config, "seq_length", None) or limits.max_model_len
+    context = getattr(config, "max_position_embeddings", None) or limits.max_model_len
     limits = Limits(limits.max_tokens, limits.max_queue, limits.max_request_bytes, min(limits.max_model_len, context))
     engine = Engine(tuned, tokenizer, family.chat(), name or model.resolve().name, limits, log_prompts)
 

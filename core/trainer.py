@@ -34,6 +34,8 @@ from .errors import Diverged, RunError, Stopped
 from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
 from .versions import installed
+from .evaluate import build_prompts, decode_replies, read_dev_set
+from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +323,6 @@ def load_data(recipe: Recipe, tokenizer) -> Datasets:
         if found is not None and not found.samples:
             raise RunError(f"{key}: {path}: no sample has an assistant reply to learn from or score")
     if recipe.eval.generate:
-        from .evaluate import read_dev_set
-        from .metrics import MissingDependency, check_libraries
-
         try:
             check_libraries()
         except MissingDependency as e:
@@ -355,9 +354,6 @@ def evaluations(runtime, data: Datasets, recipe: Recipe, tokenizer) -> dict:
 def generation_scores(runtime, samples: list, recipe: Recipe, tokenizer) -> dict:
     """ROUGE-1/2/L and BLEU-4 (as `tuneport eval`) of greedy replies to `samples`' prompts, at most
     data.max_output_length tokens each."""
-    from .evaluate import build_prompts, decode_replies
-    from .metrics import METRICS, generation_metrics
-
     prompts, _ = build_prompts(tokenizer, samples, recipe.data.max_input_length, recipe.data.eval)
     replies = runtime.generate_batch(prompts, recipe.data.max_output_length, tokenizer.stop_token_ids,
                                      tokenizer.pad_token_id)

@@ -546,3 +546,14 @@ def test_health_probe_fails_when_nothing_listens():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # a port held but never listening: connections to it are refused
         assert load_probe()(f"http://127.0.0.1:{sock.getsockname()[1]}/health", "k") == 1
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_each_image_copies_every_package_folder(dockerfile):
+    """Every folder pyproject.toml maps a package to (tuneport/, core/, frameworks/, ...) is copied into the image
+    before it is built (a folder added to the package and forgotten here would build an image that cannot import)."""
+    import tomllib
+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {line.split()[0] for line in re.findall(r"^COPY (\S+ \S+)$", dockerfile.read_text(), flags=re.M)}
+    assert folders <= copied, f"{dockerfile.name}: add COPY lines for {sorted(folders - copied)}"

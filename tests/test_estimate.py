@@ -18,7 +18,7 @@ import torch
 
 from tuneport.core.cli import main
 from tuneport.core.config import load_recipe
-from tuneport.core.estimate import estimate, largest_batch
+from tuneport.frameworks.torch.estimate import estimate, largest_batch
 from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration
 from tuneport.models.chatglm3.config import chatglm3_6b_config
 
@@ -29,7 +29,7 @@ import numpy as np
 from tuneport.backends import get_backend
 from tuneport.frameworks.torch.runtime import TorchRuntime
 from tuneport.core.config import load_recipe
-from tuneport.core.estimate import estimate
+from tuneport.frameworks.torch.estimate import estimate
 from tuneport.core.precision import resolve_precision
 
 recipe = load_recipe(json.loads(sys.argv[1]))
@@ -126,7 +126,7 @@ def test_estimate_command(folders, tmp_path, capsys):
 
 def test_gradient_checkpointing_auto_follows_the_estimate(folders):
     from tuneport.core.config import RecipeError
-    from tuneport.core.estimate import choose_checkpointing
+    from tuneport.frameworks.torch.estimate import choose_checkpointing
 
     values = recipe_for(folders["h256"], "lora", 4, (64, 191), "auto")
     recipe = load_recipe(values)

@@ -112,7 +112,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(demo, tuned)
     """ChatGLM3 keeps positions unshifted under left padding (as the official model); greedy replies of a
     padded batch must still be those of each prompt alone. Attending to the padding would change them."""
     from tuneport.frameworks.torch.build import load_tuned_model
-    from tuneport.core.evaluate import generate_replies
+    from tuneport.frameworks.torch.generate import generate_replies
     from tuneport.models import family_for
 
     tokenizer = family_for(demo / "base_model").load_tokenizer(demo / "base_model")

@@ -1,6 +1,7 @@
 """The MindSpore framework: `MindSporeRuntime` (runtime.py) on a `backends.mindspore.MindSporeDevice`,
 `tuneport parity`'s capture (parity.py), and one file per tuning method it runs in methods/. Importing
-this package imports no MindSpore; `choose` and `capture` import what they run."""
+this package imports no MindSpore (its runtime and capture import it when they run); the registry
+(`tuneport.frameworks.framework("mindspore")`) imports this package only when a command needs it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from ...backends.mindspore import MindSporeDevice
 from ...core.distributed import launched
 from ...core.errors import RunError
 from ...core.runtime import RuntimeChoice
+from .parity import capture as _capture
+from .runtime import MindSporeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ def choose(device: str) -> RuntimeChoice:
     ms_device = MindSporeDevice(device)
 
     def build(recipe, precision, model_dir, dist):
-        from .runtime import MindSporeRuntime  # the framework's entry, loaded when a run starts
-
         return MindSporeRuntime(recipe, ms_device, precision, model_dir, dist)
 
     return RuntimeChoice("mindspore", device, ms_device, build, data_parallel=False)
@@ -40,6 +41,4 @@ def choose(device: str) -> RuntimeChoice:
 
 def capture(device, device_index: int, *args, **kwargs) -> dict:
     """`tuneport parity`'s capture on a MindSporeDevice (parity.capture; the device index is the device's own)."""
-    from .parity import capture as run  # the framework's entry, loaded when parity runs
-
-    return run(device, *args, **kwargs)
+    return _capture(device, *args, **kwargs)

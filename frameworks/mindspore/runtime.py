@@ -37,9 +37,7 @@ class MindSporeRuntime:
         import mindspore as ms
 
         self.family = family_for(Path(model_dir))
-        if self.family.mindspore is None:
-            raise BackendUnavailable(f"model type {self.family.model_type} has no MindSpore implementation; "
-                                     "train it with --framework torch")
+        self.family.require("mindspore", "framework mindspore")
         self.ms, self.msmodel = ms, self.family.mindspore()
         self.recipe, self.device, self.precision, self.dist = recipe, device, precision, dist
         self.method = recipe.method
@@ -66,7 +64,7 @@ class MindSporeRuntime:
 
     def _build_model(self):
         method = self.method
-        model = self.msmodel.load_model(self.model_dir, **method.model_overrides())
+        model = self.msmodel.load_model(self.model_dir, **method.model_overrides(self.family))
         model.compute_dtype = self.compute_dtype
         self.impl = implementation(method.name, "mindspore")
         self.build = Build(method, self.family, self.msmodel, self.recipe.train.seed, self.model_dir)

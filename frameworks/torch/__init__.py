@@ -1,12 +1,19 @@
-"""The torch framework: `TorchRuntime` (runtime.py) on any Backend, the tuned-model builder (build.py),
-`tuneport parity`'s capture (parity.py), and one file per tuning method in methods/. Importing this
-package imports no torch; `choose` and `capture` import what they run."""
+"""The torch framework: `TorchRuntime` (runtime.py) on any Backend, the one builder of tuned models
+(build.py), `tuneport estimate`'s memory model (estimate.py), batched generation (generate.py),
+`tuneport parity`'s capture (parity.py), and one file per tuning method in methods/. The registry
+(`tuneport.frameworks.framework("torch")`) imports this package, and torch with it, only when a
+command needs it."""
 
 from __future__ import annotations
 
 from ...backends import pick_backend
 from ...core.errors import RecipeError
 from ...core.runtime import RuntimeChoice
+from . import estimate  # noqa: F401  (the framework's API: estimate.plan, estimate.trainable_parameters, ...)
+from .build import DTYPES, build_tuned_model, load_tuned_model  # noqa: F401
+from .generate import generate_replies  # noqa: F401
+from .parity import capture as _capture
+from .runtime import TorchRuntime
 
 
 def choose(device: str) -> RuntimeChoice:
@@ -22,8 +29,6 @@ def choose(device: str) -> RuntimeChoice:
         raise RecipeError(f"device: {e}") from None
 
     def build(recipe, precision, model_dir, dist):
-        from .runtime import TorchRuntime  # the framework's entry, loaded when a run starts
-
         return TorchRuntime(recipe, backend, precision, model_dir, dist)
 
     return RuntimeChoice("torch", name, backend, build)
@@ -31,6 +36,4 @@ def choose(device: str) -> RuntimeChoice:
 
 def capture(device, device_index: int, *args, **kwargs) -> dict:
     """`tuneport parity`'s capture on a torch Backend (parity.capture)."""
-    from .parity import capture as run  # the framework's entry, loaded when parity runs
-
-    return run(device, device_index, *args, **kwargs)
+    return _capture(device, device_index, *args, **kwargs)

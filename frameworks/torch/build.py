@@ -84,7 +84,7 @@ def build_tuned_model(model: Union[Path, Any], method, backend, purpose: str, co
                 enable_checkpointing(base)
         return Tuned(tuned.train(), impl, build)
     base = family.load_model(model, backend, dtype=impl.base_dtype(build), device_index=device_index,
-                             **method.model_overrides())
+                             **method.model_overrides(family))
     wanted = checkpointing(base) if callable(checkpointing) else checkpointing
     wanted = impl.checkpointing(base, build, bool(wanted), required)
     tuned = impl.attach(base, build)

@@ -17,17 +17,18 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ...backends.base import Backend, MemoryStats
 from ...core.checkpoints import torch_save
 from ...core.config import Recipe, resolve_path
 from ...core.distributed import Dist
 from ...core.errors import MethodUnavailable
-from ...core.estimate import choose_checkpointing
-from ...core.evaluate import generate_replies
 from ...core.methods import decays
 from ...core.precision import PrecisionPlan
 from .build import DTYPES, build_tuned_model
+from .estimate import choose_checkpointing
+from .generate import generate_replies
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from importlib.util import find_spec
 
 # name -> the module of this package that defines it
 _EXPORTS = {
-    "CheckpointError": "..", "ChatGLM3Config": ".config", "chatglm3_6b_config": ".config",
+    "CheckpointError": "..family", "ChatGLM3Config": ".config", "chatglm3_6b_config": ".config",
     "chatglm3_tiny_config": ".config", "ChatGLMForConditionalGeneration": ".model", "ChatGLMModel": ".model",
     "ChatGLM3Tokenizer": ".tokenizer", "load_config": ".files", "load_model": ".checkpoint",
     "load_tokenizer": ".files",

@@ -5,20 +5,18 @@ pickle), tokenizer.model. Only files are read; no code from the folder runs and 
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
-import zipfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...backends import Backend, get_backend
 from ...core.checkpoints import atomic_folder
-from .. import CheckpointError, refused_pickle
+from ..family import CheckpointError, checked_once
 from .config import ChatGLM3Config
+from .shards import read_shard, shard_shapes
 from .files import PREFIX_ENCODER, load_config, match_weights, official_config, weight_files
 from .model import ChatGLMForConditionalGeneration, PrefixEncoder
 
@@ -27,47 +25,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-def _unreadable(file: Path, e: BaseException) -> CheckpointError:
-    return refused_pickle(file, e) or CheckpointError(
-        f"{file}: cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, download it again")
-
-
-def _load_pickle(file: Path) -> dict:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(file, map_location="cpu", weights_only=True)  # legacy, non-zip format
-
-
-READ_ERRORS = (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError)
-
-
-def shard_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of one weight file's tensors, read from its header (pickle: memory-mapped)."""
-    try:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        return {name: tuple(t.shape) for name, t in _load_pickle(file).items()}
-    except READ_ERRORS as e:
-        raise _unreadable(file, e) from None
-
-
-def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from one weight file; pickle files are read with weights_only=True."""
-    try:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-            return
-        yield from _load_pickle(file).items()
-    except READ_ERRORS as e:
-        raise _unreadable(file, e) from None
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -92,6 +49,7 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], config: ChatGLM3Config) 
     return DTYPES[dtype]
 
 
+@checked_once
 def check_checkpoint(path: Union[str, Path], **config_overrides) -> tuple[ChatGLM3Config, list[Path], list[str]]:
     """Validate a checkpoint folder from its config and the weight files' headers, reading no weights.
 

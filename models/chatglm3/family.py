@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .. import ModelFamily
+from ..family import ModelFamily
 
 # Every linear layer of a ChatGLM3 block (the official names).
 LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -37,7 +37,8 @@ def family() -> ModelFamily:
         lora_targets=("query_key_value",),  # the official fine-tuning demo's
         linear_layers=LINEAR_LAYERS,
         blocks="transformer.encoder.layers",
-        prefix_encoder="transformer.prefix_encoder",
+        prefix_module="transformer.prefix_encoder",
+        prefix_config=lambda tokens, projection: {"pre_seq_len": tokens, "prefix_projection": projection},
         # as peft's for fused-QKV models (Bloom, GPT-NeoX): the attention's output and the MLP's input to its last layer
         ia3_targets=("query_key_value", "dense_4h_to_h"),
         ia3_feedforward=("dense_4h_to_h",),

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .. import CheckpointError, check_vocabulary_size, layout_weight_files, read_json
+from ..family import CheckpointError, check_vocabulary_size, layout_weight_files, read_json
 from .config import ChatGLM3Config
 from .tokenizer import ChatGLM3Tokenizer
 

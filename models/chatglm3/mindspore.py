@@ -22,10 +22,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from .. import CheckpointError, read_json
+from ..family import CheckpointError, read_json
 from .files import (DERIVED_KEYS, PREFIX_ENCODER, attention_allowed, load_config, match_weights,
                     peft_ia3_config, peft_lora_config, weight_files)
 from .config import ChatGLM3Config
+from .shards import read_shard
 
 PEFT_PREFIX = "base_model.model."
 
@@ -479,8 +480,6 @@ def _read_weights(file: Path):
     if importlib.util.find_spec("torch") is None:
         raise CheckpointError(f"{file}: pickle (.bin) weights need torch to read; convert the folder once with "
                               "`tuneport convert SRC DST` on a machine with torch, then load DST")
-    from .checkpoint import read_shard
-
     for name, tensor in read_shard(file):
         yield name, tensor.float().numpy()
 

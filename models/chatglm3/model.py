@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS
-from .. import older_cache_name
+from ..family import older_cache_name
 from ..loss import label_loss, shifted_loss
 
 from .config import ChatGLM3Config

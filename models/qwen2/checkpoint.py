@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import Qwen2Config
 
 from ...backends import Backend, get_backend
-from .. import CheckpointError, layout_weight_files, read_json
+from ..family import CheckpointError, checked_once, layout_weight_files, read_json
 from .model import Qwen2ForCausalLM
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -109,6 +109,7 @@ def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
                               "incomplete, download it again") from None
 
 
+@checked_once
 def check_checkpoint(path: Union[str, Path], **overrides) -> tuple[Qwen2Config, list[Path], list[str]]:
     """Validate a Qwen2 folder from config.json and the safetensors headers, reading no weights.
 

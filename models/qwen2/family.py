@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import ModelFamily
+from ..family import ModelFamily
 
 # Every linear layer of a Qwen2 block (transformers' names).
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -23,7 +23,7 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS, rotary_half
-from .. import older_cache_name
+from ..family import older_cache_name
 from ..loss import label_loss, shifted_loss
 from ..transformers_attention import ATTENTION
 

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
-from .. import CheckpointError, check_vocabulary_size, read_json
+from ..family import CheckpointError, check_vocabulary_size, read_json
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

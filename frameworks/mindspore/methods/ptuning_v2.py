@@ -10,7 +10,7 @@ from ..method import MindSporeMethod
 
 class PtuningV2(MindSporeMethod):
     def attach(self, model, build) -> None:
-        prefix = build.family.prefix_encoder
+        prefix = build.family.prefix_module
         if not prefix:
             raise MethodUnavailable(f"method ptuning_v2 is ChatGLM's own prefix encoder; {build.family.model_type} "
                                     "has none: use method prefix_tuning")
@@ -18,9 +18,7 @@ class PtuningV2(MindSporeMethod):
             param.requires_grad = name.startswith(f"{prefix}.")
 
     def save(self, model, build, folder, trained) -> None:
-        m = build.method
-        (folder / "prefix_config.json").write_text(json.dumps(
-            {"pre_seq_len": m.num_virtual_tokens, "prefix_projection": m.prefix_projection}))
+        (folder / "prefix_config.json").write_text(json.dumps(build.method.model_overrides(build.family)))
         save_file({n: p.asnumpy() for n, p in trained.items()}, str(folder / "prefix_encoder.safetensors"))
 
 

@@ -16,12 +16,12 @@ PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 
 
-def prefix_encoder(model, family):
+def prefix_module(model, family):
     """The model's prefix encoder (the family names where it lives), or None."""
-    if not family.prefix_encoder:
+    if not family.prefix_module:
         return None
     try:
-        return model.get_submodule(family.prefix_encoder)
+        return model.get_submodule(family.prefix_module)
     except AttributeError:
         return None
 
@@ -31,7 +31,7 @@ class PtuningV2(TorchMethod):
 
     def attach(self, model, build: Build):
         model.requires_grad_(False)
-        encoder = prefix_encoder(model, build.family)
+        encoder = prefix_module(model, build.family)
         if encoder is None:
             raise MethodUnavailable(f"method ptuning_v2 is ChatGLM's own prefix encoder; {build.family.model_type} "
                                     "has none: use method prefix_tuning")
@@ -39,9 +39,7 @@ class PtuningV2(TorchMethod):
         return model
 
     def save(self, model, build: Build, folder: Path, trained) -> None:
-        method = build.method
-        (folder / PREFIX_CONFIG).write_text(json.dumps(
-            {"pre_seq_len": method.num_virtual_tokens, "prefix_projection": method.prefix_projection}))
+        (folder / PREFIX_CONFIG).write_text(json.dumps(build.method.model_overrides(build.family)))
         save_file({n: p.detach().contiguous() for n, p in trained.items()}, folder / PREFIX_WEIGHTS)
 
     def load(self, base: Path, adapter: Path, load_base, family):
@@ -58,8 +56,8 @@ class PtuningV2(TorchMethod):
         return model
 
     def trained(self, model, family):
-        encoder = prefix_encoder(model, family)
-        return {} if encoder is None else {f"{family.prefix_encoder}.{n}": p for n, p in encoder.named_parameters()}
+        encoder = prefix_module(model, family)
+        return {} if encoder is None else {f"{family.prefix_module}.{n}": p for n, p in encoder.named_parameters()}
 
 
 METHOD = PtuningV2()

@@ -1,4 +1,4 @@
-"""`tuneport estimate`: the peak memory of a recipe's training step, from config.json alone.
+"""`tuneport estimate` (torch's, on the meta device): the peak memory of a recipe's training step, from config.json alone.
 
 The model is built on torch's meta device (shapes, no memory, no weights read) with the recipe's
 method applied, so parameter counts and dtypes are exactly those of our implementation. Activations
@@ -24,13 +24,14 @@ from typing import Optional
 
 import torch
 
-from ..backends import get_backend
-from ..frameworks import implementation
-from ..frameworks.torch.build import DTYPES, build_tuned_model
-from ..models import builder_family, builder_names, family_for, loss_chunk
-from .errors import BackendUnavailable, CheckpointError, MethodUnavailable, RunError
-from .precision import resolve_precision
-from .config import resolve_path
+from ...backends import get_backend
+from ...core.config import resolve_path
+from ...core.errors import BackendUnavailable, CheckpointError, MethodUnavailable, RunError, Unsupported
+from ...core.precision import resolve_precision
+from ...models import builder_family, builder_names, family_for
+from ...models.loss import loss_chunk
+from .. import implementation
+from .build import DTYPES, build_tuned_model
 
 log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
@@ -54,18 +55,16 @@ class Estimate:
 
 def _family_and_config(recipe):
     """The recipe's model family and config (with the method's config changes), reading config.json only."""
-    overrides = recipe.method.model_overrides()
     if recipe.model in builder_names():
         family = builder_family(recipe.model)
         config = family.builders[recipe.model][0]()
-        for key, value in overrides.items():
+        for key, value in recipe.method.model_overrides(family).items():
             setattr(config, key, value)
         return family, config
     folder = resolve_path(recipe.model)
     family = family_for(folder)
-    if family.model_class is None or family.load_config is None:
-        raise RunError(f"{folder}: estimating {family.model_type} models is not supported")
-    return family, family.load_config(folder, **overrides)
+    family.require("estimate", f"tuneport estimate ({folder})")
+    return family, family.load_config(folder, **recipe.method.model_overrides(family))
 
 
 def _meta_model(family, config, method, compute, checkpointing: bool):
@@ -79,7 +78,7 @@ def trainable_parameters(family, config, method) -> int:
     import copy
 
     config = copy.deepcopy(config)
-    for key, value in method.model_overrides().items():
+    for key, value in method.model_overrides(family).items():
         setattr(config, key, value)
     model = _meta_model(family, config, method, DTYPES["fp32"], False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -171,10 +170,12 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_sample = _saved_bytes(model, seq)
     if checkpointing:  # backward recomputes one layer at a time and holds its activations meanwhile
-        per_sample += _saved_bytes(_meta_model(family, config, recipe.method, compute, False), seq) // config.num_layers
+        per_sample += _saved_bytes(_meta_model(family, config, recipe.method, compute, False), seq) // \
+            config.num_hidden_layers
     fixed = Estimate(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * ADAM_STATES, activations=0,
                      logits=0, runtime=runtime_bytes(device) if runtime is None else runtime)
-    return Plan(recipe, fixed, per_sample, config.padded_vocab_size, config.hidden_size,
+    rows = model.get_output_embeddings().weight.shape[0]  # the vocabulary the loss forms logits over
+    return Plan(recipe, fixed, per_sample, rows, config.hidden_size,
                 torch.empty((), dtype=compute).element_size(), device.partition(":")[0])
 
 
@@ -208,7 +209,7 @@ def choose_checkpointing(recipe, device: str, memory: int) -> bool:
         return True
     try:
         peak = estimate(recipe, device, checkpointing=False).peak
-    except (RunError, CheckpointError, MethodUnavailable) as e:
+    except (RunError, CheckpointError, MethodUnavailable, Unsupported) as e:
         log.info("gradient checkpointing auto: on (no estimate: %s)", e)
         return True
     on = needs_checkpointing(peak, memory)

@@ -1,0 +1,207 @@
+"""What each command does with its parsed arguments (`core/cli.py` parses them and loads this module only
+when a command runs): call the run or the Python API, print the outcome, return the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from ..backends import available_backends, pick_backend
+from ..frameworks import framework, frameworks_of
+from ..models import CheckpointError, family_for, get_family, model_types
+from . import doctor, trainer
+from .config import load_recipe, resolve_path
+from .distributed import in_process_group
+from .errors import MethodUnavailable, RunError
+from .exits import leave_job
+from .export import COPIED, SKIPPED, export
+from .methods import METHODS
+from .rundir import check_writable, writing
+from .api import load
+from .run import train_run
+from .serve import API_KEY_ENV, Limits, serve
+
+
+def run_train(args: argparse.Namespace, demo: bool = False) -> int:
+    """`tuneport train` (and the demo): the run, then its summary on the main process."""
+    trained = train_run(args, demo)
+    if trained.is_main:
+        recipe, output_dir = trained.recipe, trained.output_dir
+        losses = [r["loss"] for r in trained.records]
+        print(f"trained {len(trained.records)} steps ({recipe.framework}) on {trained.device} x{trained.world_size}: "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        change = trainer.read_run_json(output_dir).get("forgetting")
+        if change:
+            print(trainer.summary_line(change))
+        print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
+              f"plot: {output_dir / 'loss.png'}")
+        if trained.demo:
+            show_answers(trained.runtime, trained.tokenizer, train_data_path=recipe.data.train)
+            print(f"chat with it: tuneport chat --model {trained.model_dir} --adapter {output_dir / 'adapter'}")
+    if in_process_group():
+        leave_job(0)
+    return 0
+
+def show_answers(runtime, tokenizer, train_data_path: str, count: int = 3) -> None:
+    """Print the tuned model's greedy answers to the first `count` training prompts, beside the trained ones."""
+    lines = resolve_path(train_data_path).read_text(encoding="utf-8").splitlines()[:count]
+    matched = 0
+    for line in lines:
+        messages = json.loads(line)["conversations"]
+        *history, query, answer = messages
+        prompt = tokenizer.build_chat_input(query["content"], history=history)["input_ids"][0].tolist()
+        reply = tokenizer.decode(runtime.generate(prompt, 64, tokenizer.stop_token_ids, tokenizer.pad_token_id),
+                                 skip_special_tokens=True).strip()
+        matched += reply == answer["content"]
+        print(f"\nuser:      {query['content']}\nassistant: {reply}\ntrained:   {answer['content']}")
+    print(f"\n{matched}/{len(lines)} answers reproduce the trained ones")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    args.recipe, args.device, args.resume = None, None, None
+    return run_train(args, demo=True)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    if args.max_new_tokens <= 0:
+        raise RunError(f"--max-new-tokens: {args.max_new_tokens} must be > 0, e.g. --max-new-tokens 512")
+    loaded = load(args.model, args.adapter, args.device)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(query: str) -> str:
+        return loaded.chat(query, history, args.max_new_tokens, stream=True)
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print("tuneport chat: type a message; 'clear' starts over, 'exit' or Ctrl-D quits.")
+    while True:
+        try:
+            query = input("\nuser: ").strip()
+        except EOFError:
+            print()
+            return 0
+        if query in ("exit", "quit"):
+            return 0
+        if query == "clear":
+            del history[1 if args.system else 0:]
+            continue
+        if query:
+            print("assistant: ", end="", flush=True)
+            reply(query)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    return doctor.run(args.device, args.framework)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    family = family_for(Path(args.source))
+    family.require("convert", f"tuneport convert {args.source}")
+    fix = "free disk space, or choose a writable destination"
+    check_writable(Path(args.destination), args.destination, fix)  # before any shard is read
+    with writing(args.destination, "nothing was written there", fix):
+        family.convert(Path(args.source), Path(args.destination))
+    print(f"wrote {args.destination}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    record = export(Path(args.model), Path(args.adapter) if args.adapter else None, Path(args.out), args.dtype,
+                    args.overwrite, args.format, args.copy_code)
+    for name, digest in record["sha256"].items():
+        print(f"{digest}  {Path(args.out) / name}")
+    for name, code in record["code"].items():
+        if code["action"] == SKIPPED:
+            print(f"skipped {Path(args.model) / name}: its sha256 {code['sha256'][:12]}... is no published release's "
+                  "that tuneport knows; engines started with --trust-remote-code would run it. If you trust it, "
+                  "export again with --copy-code")
+        elif code["action"] == COPIED:
+            print(f"copied {Path(args.model) / name} (--copy-code), which is no published release's: engines started "
+                  "with --trust-remote-code will run it")
+    if "onnx_max_abs_diff" in record:
+        print(f"onnx.checker: passed; onnxruntime against torch, largest logit difference: "
+              f"{record['onnx_max_abs_diff']:.3g}")
+    print(f"wrote {args.out} ({args.format}, {args.dtype}); the sha256 of each file is in {Path(args.out) / 'export.json'}")
+    return 0
+
+
+# --- estimate ----------------------------------------------------------------------------------------
+UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+         "gb": 10**9, "tb": 10**12}
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '80GB', '512MiB' or bytes, as bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise RunError(f"--memory {text}: not an amount of memory; write it like 24GiB, 80GB or 512MiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    estimate = framework("torch").estimate
+
+    memory = parse_memory(args.memory) if args.memory else None  # every argument before the estimate
+    recipe = load_recipe(args.recipe, tuple(args.overrides))
+    device = (args.device or recipe.device).partition(":")[0]
+    if device == "auto":
+        device = pick_backend("auto")[0].partition(":")[0]
+    elif device not in available_backends():
+        raise RunError(f"--device {device}: not one of {', '.join(available_backends())}")
+    t, d = recipe.train, recipe.data
+    mib = 2**20
+    print(f"tuneport estimate: {recipe.model}, method {recipe.method.name}, {device}, precision {recipe.precision}, "
+          f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens")
+    plans = {on: estimate.plan(recipe, device, checkpointing=on) for on in (False, True)}
+    both = {on: p.at(t.micro_batch_size) for on, p in plans.items()}
+    print(f"{'':14s}{'checkpointing off':>20s}{'on':>12s}")
+    for part in ("weights", "gradients", "optimizer", "activations", "logits", "runtime"):
+        print(f"  {part:12s}{getattr(both[False], part) / mib:16.0f} MiB{getattr(both[True], part) / mib:8.0f} MiB")
+    print(f"  {'peak':12s}{both[False].peak / mib:16.0f} MiB{both[True].peak / mib:8.0f} MiB")
+    if memory is None:
+        return 0
+    shown = args.memory.replace("GiB", " GiB").replace("MiB", " MiB").replace("GB", " GB").replace("MB", " MB")
+    for on in (False, True):
+        print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
+              f"{plans[on].largest_batch(memory)}")
+    auto = t.gradient_checkpointing == "auto"
+    on = estimate.needs_checkpointing(both[False].peak, memory) if auto else t.gradient_checkpointing
+    fits = both[on].peak <= memory
+    how = f"auto: {'on' if on else 'off'}" if auto else ("on" if on else "off")
+    print(f"the recipe (checkpointing {how}) fits in {shown}: {'yes' if fits else 'no'}")
+    return 0 if fits else 1
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    trainable_parameters = framework("torch").estimate.trainable_parameters
+
+    if args.model:
+        folder = Path(args.model)
+        family = family_for(folder)
+        columns = [(folder.name, family, family.check_checkpoint(folder)[0])]  # config and weight headers only
+    else:
+        columns = [(f.reference[0], f, f.reference[1]()) for f in map(get_family, model_types()) if f.reference]
+    print(f"{'method':15s}{'frameworks':18s}" + "".join(f"{'trainable on ' + name:>26s}" for name, _, _ in columns))
+    for name, entry in METHODS.items():
+        method = entry.config()
+        counts = []
+        for _, family, config in columns:
+            try:
+                counts.append(f"{trainable_parameters(family, config, method):,}")
+            except MethodUnavailable:  # e.g. ChatGLM's own P-tuning v2 on another family
+                counts.append("-")
+        print(f"{name:15s}{', '.join(frameworks_of(name)):18s}" + "".join(f"{c:>26s}" for c in counts))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    for name in ("port", "max_tokens", "max_queue", "max_request_bytes", "max_model_len"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise RunError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
+    limits = Limits(args.max_tokens, args.max_queue, args.max_request_bytes, args.max_model_len)
+    return serve(Path(args.model), Path(args.adapter) if args.adapter else None, args.device, args.host, args.port,
+                 args.api_key or os.environ.get(API_KEY_ENV) or None, limits, args.model_name, args.log_prompts)
