@@ -101,14 +101,13 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
     family = family_for(model)
     family.require("export" if fmt == "safetensors" else "onnx", f"tuneport export --model {model} --format {fmt}")
     writer = family.save_official if fmt == "safetensors" else family.export_onnx
-    tuned = torch_framework.load_tuned_model(model, adapter, open_backend("cpu")[1], dtype=torch.float32)
-    peft_config = getattr(tuned, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        raise CheckpointError(f"--adapter {adapter}: a {peft_config.peft_type.value} adapter adds virtual tokens and "
-                              "cannot be merged into the weights; use it as it is: tuneport serve --model "
-                              f"{model} --adapter {adapter}")
-    if hasattr(tuned, "merge_and_unload"):  # a peft model that merges: LoRA, DoRA, AdaLoRA, IA3
-        tuned = tuned.merge_and_unload()
+    loaded = torch_framework.build_tuned_model(model, None, open_backend("cpu")[1], "load", torch.float32,
+                                               adapter=adapter)
+    tuned = loaded.method.merged(loaded.model) if loaded.method else loaded.model
+    if tuned is None:
+        raise CheckpointError(f"--adapter {adapter}: its method adds virtual tokens before the input and cannot be "
+                              f"merged into the weights; use it as it is: tuneport serve --model {model} --adapter "
+                              f"{adapter}")
     tuned = tuned.to(torch_framework.DTYPES[dtype])
 
     # An earlier export (checked above) is replaced only once the new one is complete.

@@ -487,9 +487,11 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     tokenizer = family.load_tokenizer(model)
     config = family.check_checkpoint(model)[0]
     family.check_vocabulary(tokenizer, config, model, model)
-    tuned = framework("torch").load_tuned_model(model, adapter, backend, device_index=index)
-    if hasattr(tuned, "merge_and_unload"):  # LoRA folded into the weights: the same answers, faster
-        tuned = tuned.merge_and_unload()
+    loaded = framework("torch").build_tuned_model(model, None, backend, "load", None, device_index=index,
+                                                   adapter=adapter)
+    # folded into the weights where the method allows (LoRA): the same answers, faster; else served as it is
+    merged = loaded.method.merged(loaded.model) if loaded.method else None
+    tuned = loaded.model if merged is None else merged
     tuned.eval()
     context = getattr(config, "max_position_embeddings", None) or limits.max_model_len
     limits = Limits(limits.max_tokens, limits.max_queue, limits.max_request_bytes, min(limits.max_model_len, context))

@@ -103,8 +103,7 @@ def adapter_method(adapter: Path) -> TorchMethod:
     if not adapter.is_dir():
         raise CheckpointError(f"--adapter {adapter}: no such folder; pass the adapter/ folder of a run")
     every = implementations("torch")
-    found = [impl for impl in every.values() if impl.adapter_files and all((adapter / f).exists()
-                                                                           for f in impl.adapter_files)]
+    found = [impl for impl in every.values() if impl.owns(adapter)]
     if not found:
         marks: dict[str, list[str]] = {}
         for name, impl in every.items():

@@ -3,10 +3,11 @@
 
 The builder (`build.py`) and the runtime (`runtime.py`) call the hooks and never a method's name:
 `check` before the base model loads, `base_dtype` for its frozen weights, `attach` to add the adapter
-and freeze the rest, `checkpointing` to veto activation checkpointing, `after_step` after every
-optimizer step, `task_model` for evaluation, `state`/`set_state` for what a checkpoint carries beyond
-trained weights and optimizer, `save` and `load` for the tuned result, and `trained` for the weights a
-loaded result was trained in (`tuneport parity`). `PeftMethod` is the shared part of the peft methods.
+and freeze the rest (also on the meta device, for `tuneport estimate`), `checkpointing` to veto
+activation checkpointing, `after_step` after every optimizer step, `task_model` for evaluation,
+`state`/`set_state` for what a checkpoint carries beyond trained weights and optimizer, `save` and
+`load` for the tuned result, `merged` to fold it into plain weights (export, serve), and `trained`
+for the weights a loaded result was trained in (`tuneport parity`). `PeftMethod` is the shared part of the peft methods.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class TorchMethod:
     state_file: Optional[str] = None  # a checkpoint's file for `state` (None: the method has none)
     unestimated: Optional[str] = None  # why `tuneport estimate` cannot predict its memory (None: it can)
 
+    def owns(self, adapter: Path) -> bool:
+        """Whether the folder `adapter` holds this method's tuned result (of those that do, the one with the
+        most marker files loads it)."""
+        return bool(self.adapter_files) and all((adapter / f).exists() for f in self.adapter_files)
+
     def check(self, build: Build) -> None:
         """Refuse what cannot run here (MethodUnavailable), before any weight loads."""
 
@@ -112,6 +118,11 @@ class TorchMethod:
         """The parameters a loaded result was trained in (their gradients are what parity compares)."""
         return {}
 
+    def merged(self, model: nn.Module) -> Optional[nn.Module]:
+        """The loaded result as plain weights of the model (export, serve); None when it cannot be folded in.
+        The default: it is the model's weights already (full, freeze, P-tuning v2's prefix encoder)."""
+        return model
+
 
 @contextmanager
 def bitsandbytes_hidden():
@@ -140,6 +151,10 @@ class PeftMethod(TorchMethod):
     """A method peft implements: its adapter is peft's, saved and loaded by peft (`adapter_config.json`)."""
 
     adapter_files = ("adapter_config.json",)
+    peft_type = "LORA"  # its adapter_config.json's peft_type
+
+    def owns(self, adapter: Path) -> bool:
+        return super().owns(adapter) and read_json(adapter / "adapter_config.json").get("peft_type") == self.peft_type
 
     def peft_config(self, method, family: ModelFamily, model_config, max_steps: Optional[int]):
         """The peft config of `method`, with the family's defaults where the recipe names no layers."""
@@ -215,6 +230,17 @@ class PeftMethod(TorchMethod):
     def trained(self, model: nn.Module, family: ModelFamily) -> dict[str, nn.Parameter]:
         adapter = model.active_adapter  # its parameters carry the adapter's name
         return {n: p for n, p in model.named_parameters() if adapter in n.split(".")}
+
+    def merged(self, model: nn.Module) -> Optional[nn.Module]:
+        return model.merge_and_unload()  # LoRA, DoRA, AdaLoRA, IA3: peft folds the adapter into the weights
+
+
+class VirtualTokens(PeftMethod):
+    """A peft method that puts trained virtual tokens before the input (prompt tuning, P-tuning, prefix
+    tuning): nothing to fold into the weights."""
+
+    def merged(self, model: nn.Module) -> Optional[nn.Module]:
+        return None
 
 
 class LoraLike(PeftMethod):

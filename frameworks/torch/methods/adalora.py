@@ -8,6 +8,7 @@ STATE = "adalora.pt"  # in a checkpoint: the step count, importance scores and r
 
 
 class AdaLora(LoraLike):
+    peft_type = "ADALORA"
     state_file = STATE
 
     def peft_config(self, method, family, model_config, max_steps):

@@ -5,6 +5,7 @@ from ..method import PeftMethod
 
 
 class Ia3(PeftMethod):
+    peft_type = "IA3"
     def peft_config(self, method, family, model_config, max_steps):
         import peft
 

@@ -3,12 +3,13 @@
 import logging
 
 from ....core.errors import MethodUnavailable
-from ..method import PeftMethod
+from ..method import VirtualTokens
 
 log = logging.getLogger(__name__)
 
 
-class PrefixTuning(PeftMethod):
+class PrefixTuning(VirtualTokens):
+    peft_type = "PREFIX_TUNING"
     def peft_config(self, method, family, model_config, max_steps):
         import peft
 

@@ -1,9 +1,10 @@
 """Prompt tuning through peft."""
 
-from ..method import PeftMethod
+from ..method import VirtualTokens
 
 
-class PromptTuning(PeftMethod):
+class PromptTuning(VirtualTokens):
+    peft_type = "PROMPT_TUNING"
     def peft_config(self, method, family, model_config, max_steps):
         import peft
 

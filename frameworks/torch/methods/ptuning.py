@@ -1,9 +1,10 @@
 """P-tuning through peft (its prompt encoder)."""
 
-from ..method import PeftMethod
+from ..method import VirtualTokens
 
 
-class Ptuning(PeftMethod):
+class Ptuning(VirtualTokens):
+    peft_type = "P_TUNING"
     def peft_config(self, method, family, model_config, max_steps):
         import peft
 
