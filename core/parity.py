@@ -312,9 +312,6 @@ def adapter_identity(adapter: Optional[Path], lora: SyntheticLora) -> dict:
     return {"kind": str(config.get("peft_type", "?")).lower(), "sha256": _weights_sha256(weights)}
 
 
-MINDSPORE_ADAPTERS = ("synthetic-lora", "lora", "ia3")  # what frameworks/mindspore/parity.py loads
-
-
 def seeded_batch(model_dir: Path) -> dict:
     """A fixed batch within the model's vocabulary: SEEDED_BATCH ids drawn with seed 0, row 1 right-padded
     (pad id, mask 0, label -100) as training batches are, the first 6 tokens without labels as a prompt."""
@@ -713,16 +710,13 @@ def _run(args: argparse.Namespace) -> int:
             adapter_id = adapter_identity(adapter, lora)
         except (CheckpointError, ParityError) as e:
             problems.append(str(e))
-    if lora is not None and "mindspore" not in family.supports:
-        for flag, side in (("a", side_a), ("b", side_b)):
-            if side is not None and side.framework == "mindspore":
-                problems.append(f"--framework-{flag} mindspore: {family.model_type} has no MindSpore model; compare "
-                                f"it with --framework-{flag} torch")
-    if adapter_id is not None:
-        for flag, side in (("a", side_a), ("b", side_b)):
-            if side is not None and side.framework == "mindspore" and adapter_id["kind"] not in MINDSPORE_ADAPTERS:
-                problems.append(f"--{flag} {side}: the MindSpore model trains LoRA and IA3 adapters, not "
-                                f"{adapter_id['kind']}; compare this adapter with torch on both sides")
+    sides = [(flag, side) for flag, side in (("a", side_a), ("b", side_b)) if side is not None]
+    if lora is not None:
+        problems += [f"--framework-{flag} {side.framework}: {family.model_type} has no {side.framework} model; compare "
+                     f"it with --framework-{flag} torch" for flag, side in sides if side.framework not in family.supports]
+    if adapter is not None and adapter_id is not None:  # each side's framework says whether it loads the adapter
+        problems += [f"--{flag} {side}: {problem}" for flag, side in sides
+                     if (problem := framework(side.framework).adapter_problem(adapter))]
     if args.save_reference:
         file = Path(args.save_reference)
         if file.exists() and not (file.is_file() and _is_reference(file)):

@@ -11,6 +11,8 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
+from ...models import read_json
+
 
 @dataclass
 class Build:
@@ -26,6 +28,14 @@ class Build:
 
 
 class MindSporeMethod:
+    def owns(self, adapter: Path) -> bool:
+        """Whether the folder `adapter` holds a result this method loads (`load`)."""
+        return False
+
+    def load(self, model, adapter: Path, msmodel) -> None:
+        """Add the tuned result in `adapter` to `model`, trainable (`tuneport parity` takes its gradients)."""
+        raise NotImplementedError
+
     def attach(self, model, build: Build) -> None:
         """Add the method to `model` and leave trainable (`requires_grad`) what it trains."""
         raise NotImplementedError
@@ -33,6 +43,16 @@ class MindSporeMethod:
     def save(self, model, build: Build, folder: Path, trained: dict) -> None:
         """Write the tuned result into `folder` (which exists)."""
         raise NotImplementedError
+
+
+class PeftAdapter(MindSporeMethod):
+    """A method whose result is a PEFT adapter folder of `peft_type` (LoRA, IA3)."""
+
+    peft_type = ""
+
+    def owns(self, adapter: Path) -> bool:
+        config = adapter / "adapter_config.json"
+        return config.is_file() and read_json(config).get("peft_type") == self.peft_type
 
 
 class CompleteCheckpoint(MindSporeMethod):

@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from ...models import CheckpointError, family_for, read_json
+from ...models import family_for
+from .build import build_tuned_model
 
 
 def _numpy(value) -> np.ndarray:
@@ -44,15 +45,8 @@ def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch:
 
     family = family_for(model_dir)
     mm = family.mindspore()
-    model = mm.load_model(model_dir)
-    if adapter is not None:
-        kind = read_json(adapter / "adapter_config.json").get("peft_type")
-        loaders = {"LORA": mm.load_lora, "IA3": mm.load_ia3}
-        if kind not in loaders:
-            raise CheckpointError(f"--adapter {adapter}: a {kind} adapter; the MindSpore model takes LoRA and IA3 "
-                                  "adapters: compare this one with --framework torch on both sides")
-        loaders[kind](model, adapter, trainable=True)
-    else:
+    model = build_tuned_model(model_dir, None, "load", adapter=adapter).model
+    if adapter is None:
         mm.add_lora(model, lora.r, lora.alpha, 0.0, list(lora.targets))
         for name, param in model.parameters_and_names():
             if ".lora_" in name:

@@ -19,11 +19,10 @@ import numpy as np
 
 from ...backends.base import MemoryStats
 from ...backends.mindspore import MindSporeDevice
-from ...core.errors import BackendUnavailable, MethodUnavailable
+from ...core.errors import MethodUnavailable
 from ...core.methods import decays
 from ...models import family_for
-from .. import implementation
-from .method import Build
+from .build import build_tuned_model
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +62,10 @@ class MindSporeRuntime:
         self.model.set_train(True)
 
     def _build_model(self):
-        method = self.method
-        model = self.msmodel.load_model(self.model_dir, **method.model_overrides(self.family))
-        model.compute_dtype = self.compute_dtype
-        self.impl = implementation(method.name, "mindspore")
-        self.build = Build(method, self.family, self.msmodel, self.recipe.train.seed, self.model_dir)
-        self.impl.attach(model, self.build)
-        return model
+        tuned = build_tuned_model(self.model_dir, self.method, "train", seed=self.recipe.train.seed)
+        self.impl, self.build = tuned.method, tuned.build
+        tuned.model.compute_dtype = self.compute_dtype
+        return tuned.model
 
     # --- training -----------------------------------------------------------------------------------
     def _loss(self, ids, mask, labels, num_items):

@@ -1,9 +1,11 @@
 """LoRA, saved as a PEFT adapter (the family's MindSpore module adds and writes it)."""
 
-from ..method import MindSporeMethod
+from ..method import PeftAdapter
 
 
-class Lora(MindSporeMethod):
+class Lora(PeftAdapter):
+    peft_type = "LORA"
+
     def attach(self, model, build) -> None:
         method, mm = build.method, build.msmodel
         r, alpha, dropout = method.r, method.alpha, method.dropout
@@ -16,6 +18,9 @@ class Lora(MindSporeMethod):
         else:
             mm.add_lora(model, r, alpha, dropout, targets, seed=build.seed)
         build.kept.update(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+
+    def load(self, model, adapter, msmodel) -> None:
+        msmodel.load_lora(model, adapter, trainable=True)
 
     def save(self, model, build, folder, trained) -> None:
         build.msmodel.save_lora(model, folder, base_model=str(build.model_dir.resolve()), **build.kept)
