@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ..frameworks import framework, get_runtime
+from ..frameworks import adapter_problem, framework, get_runtime
 from .config import DTYPES, FRAMEWORKS
 from .errors import BackendUnavailable, ParityError, PrecisionError, RecipeError
 from .precision import resolve_precision
@@ -716,7 +716,7 @@ def _run(args: argparse.Namespace) -> int:
                      f"it with --framework-{flag} torch" for flag, side in sides if side.framework not in family.supports]
     if adapter is not None and adapter_id is not None:  # each side's framework says whether it loads the adapter
         problems += [f"--{flag} {side}: {problem}" for flag, side in sides
-                     if (problem := framework(side.framework).adapter_problem(adapter))]
+                     if (problem := adapter_problem(side.framework, adapter))]
     if args.save_reference:
         file = Path(args.save_reference)
         if file.exists() and not (file.is_file() and _is_reference(file)):

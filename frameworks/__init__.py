@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ..core.errors import RecipeError
+from ..core.errors import CheckpointError, RecipeError
 from ..core.methods import METHODS
 
 FRAMEWORKS = ("torch", "mindspore")  # a new framework: a package here and its name in this tuple
@@ -38,6 +38,15 @@ def get_runtime(framework_name: str, device: str):
         BackendUnavailable: the device or the framework is not usable here (the message names the fix).
     """
     return framework(framework_name).choose(device)
+
+
+def adapter_problem(framework_name: str, adapter: Path) -> Optional[str]:
+    """Why the framework cannot load the tuned result in `adapter` (None: it can); imports the framework."""
+    try:
+        framework(framework_name).adapter_method(Path(adapter))
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def _module_name(method: str, framework_name: str) -> str:

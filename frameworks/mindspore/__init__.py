@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Optional
 
 from ...backends.mindspore import MindSporeDevice
 from ...core.distributed import launched
-from ...core.errors import CheckpointError, RunError
+from ...core.errors import RunError
 from ...core.runtime import RuntimeChoice
-from .build import adapter_method
+from .build import adapter_method  # noqa: F401  (the framework's API)
 from .parity import capture as _capture
 from .runtime import MindSporeRuntime
 
@@ -45,12 +43,3 @@ def choose(device: str) -> RuntimeChoice:
 def capture(device, device_index: int, *args, **kwargs) -> dict:
     """`tuneport parity`'s capture on a MindSporeDevice (parity.capture; the device index is the device's own)."""
     return _capture(device, *args, **kwargs)
-
-
-def adapter_problem(adapter) -> Optional[str]:
-    """Why this framework cannot load the tuned result in `adapter` (None: it can)."""
-    try:
-        adapter_method(Path(adapter))
-    except CheckpointError as e:
-        return str(e)
-    return None

@@ -6,11 +6,9 @@ command needs it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
 
 from ...backends import pick_backend
-from ...core.errors import CheckpointError, RecipeError
+from ...core.errors import RecipeError
 from ...core.runtime import RuntimeChoice
 from . import estimate  # noqa: F401  (the framework's API: estimate.plan, estimate.trainable_parameters, ...)
 from .build import DTYPES, adapter_method, build_tuned_model, load_tuned_model  # noqa: F401
@@ -40,12 +38,3 @@ def choose(device: str) -> RuntimeChoice:
 def capture(device, device_index: int, *args, **kwargs) -> dict:
     """`tuneport parity`'s capture on a torch Backend (parity.capture)."""
     return _capture(device, device_index, *args, **kwargs)
-
-
-def adapter_problem(adapter) -> Optional[str]:
-    """Why this framework cannot load the tuned result in `adapter` (None: it can)."""
-    try:
-        adapter_method(Path(adapter))
-    except CheckpointError as e:
-        return str(e)
-    return None
