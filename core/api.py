@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..backends import open_backend
-from ..frameworks import framework
-from ..models import ModelFamily, family_for
 from . import evaluate as evaluation
 from .errors import RunError
 from .export import export as export_folder
+from .loading import Loaded, load  # noqa: F401  (tuneport.load, tuneport.Loaded)
 from .rundir import read_json_object
 from .run import train_run
 from .signals import StartupGuard
@@ -70,61 +68,6 @@ def train(recipe: Optional[PathLike] = None, overrides: Overrides = (), resume: 
                               framework=framework_name, guard=StartupGuard())
     trained = train_run(args)
     return TrainResult(trained.output_dir, trained.output_dir / "adapter", Path(trained.model_dir), trained.records)
-
-
-@dataclass
-class Loaded:
-    """A model ready to generate: the torch model (a tuned result applied, in eval mode), its tokenizer
-    (chat template, stop tokens) and family, on `device`."""
-
-    model: Any
-    tokenizer: Any
-    family: ModelFamily
-    device: str
-
-    def chat(self, message: str, history: Optional[list[dict]] = None, max_new_tokens: int = 512,
-             stream: bool = False) -> str:
-        """The greedy reply to `message` after `history` ([{"role", "content"}, ...], extended in place);
-        `stream`: print it to stdout as it is generated."""
-        import torch
-        from transformers import TextStreamer
-
-        history = [] if history is None else history
-        inputs = self.tokenizer.build_chat_input(message, history=history).to(self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=self.tokenizer.stop_token_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      streamer=TextStreamer(self.tokenizer, skip_prompt=True,
-                                                            skip_special_tokens=True) if stream else None)
-        text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        history.extend([{"role": "user", "content": message}, {"role": "assistant", "content": text}])
-        return text
-
-
-def load(model: PathLike, adapter: Optional[PathLike] = None, device: str = "auto", dtype: Optional[str] = None) -> Loaded:
-    """The base checkpoint `model` with the tuned result `adapter` (a PEFT adapter, a P-tuning v2 folder or a
-    complete checkpoint) applied, on `device` (auto, cpu, cuda:1, npu, ...), in `dtype` (fp32, bf16, fp16;
-    None: float32). The device is set up first; the checkpoint and tokenizer are checked before any weight loads.
-
-    Raises:
-        CheckpointError: a bad folder, or an adapter tuned from another base.
-        RunError: an unknown device.
-        BackendUnavailable: the device is not usable here.
-    """
-    model = Path(model)
-    try:
-        device_name, backend, index = open_backend(device)
-    except ValueError as e:
-        raise RunError(f"device: {e}") from None
-    family = family_for(model)
-    tokenizer = family.load_tokenizer(model)
-    family.check_vocabulary(tokenizer, family.check_checkpoint(model)[0], model, model)
-    torch_framework = framework("torch")
-    tuned = torch_framework.load_tuned_model(model, Path(adapter) if adapter is not None else None, backend,
-                                             dtype=torch_framework.DTYPES[dtype] if dtype else None,
-                                             device_index=index)
-    return Loaded(tuned.eval(), tokenizer, family, device_name)
 
 
 @dataclass(frozen=True)

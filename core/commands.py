@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..backends import available_backends, pick_backend
 from ..frameworks import framework, frameworks_of
-from ..models import CheckpointError, family_for, get_family, model_types
+from ..models import family_for, get_family, model_types
 from . import doctor, trainer
 from .config import load_recipe, resolve_path
 from .distributed import in_process_group
@@ -20,7 +20,7 @@ from .exits import leave_job
 from .export import COPIED, SKIPPED, export
 from .methods import METHODS
 from .rundir import check_writable, writing
-from .api import load
+from .loading import load
 from .run import train_run
 from .serve import API_KEY_ENV, Limits, serve
 

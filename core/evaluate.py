@@ -25,11 +25,10 @@ from typing import Any, Optional, Sequence
 
 from ..frameworks import framework
 from .errors import RunError
+from .loading import open_model, tuned_model
 from .versions import tuneport_version
 from .data import DataError, FORMATS, fail, file_sha256, read_conversations
 from .rundir import FolderError, atomic_write_text, check_writable, read_json_object, writing
-from ..backends import open_backend
-from ..models import family_for
 from .config import DTYPES, resolve_path
 from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
 
@@ -231,23 +230,16 @@ def run_eval(args: argparse.Namespace) -> int:
     check_out(out)
     check_writable(out, f"--out {out}", WRITE_FIX)  # before anything is generated
     samples, fmt, records = read_dev_set(data, args.format, args.limit)
-    try:
-        device_name, backend, index = open_backend(args.device)
-    except ValueError as e:
-        raise RunError(f"--device: {e}") from None
-    family = family_for(model_dir)
-    tokenizer = family.load_tokenizer(model_dir)
-    family.check_vocabulary(tokenizer, family.check_checkpoint(model_dir)[0], model_dir, model_dir)
+    opened = open_model(model_dir, args.device)
+    tokenizer, device_name = opened.tokenizer, opened.device
     prompts, truncated = build_prompts(tokenizer, samples, args.max_input_length, data)
     if truncated:
         log.warning("%d of %d prompts cut to %d tokens (--max-input-length)", truncated, len(prompts),
                     args.max_input_length)
 
-    torch_framework = framework("torch")
-    model = torch_framework.load_tuned_model(model_dir, adapter, backend, dtype=torch_framework.DTYPES[args.dtype],
-                                             device_index=index).eval()
+    model = tuned_model(opened, adapter, args.dtype)
     began = time.time()
-    replies = torch_framework.generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
+    replies = framework("torch").generate_replies(model, prompts, tokenizer.stop_token_ids, tokenizer.pad_token_id,
                                args.max_new_tokens, args.batch_size, progress=True)
     seconds = time.time() - began
     predictions = decode_replies(tokenizer, replies)

@@ -74,6 +74,11 @@ class QLoraConfig(LoraConfig):
         return found
 
 
+# A P-tuning v2 result, under the official fine-tuning demo's names: its prefix encoder's config.json keys
+# (ModelFamily.prefix_config) and its weights.
+PREFIX_CONFIG, PREFIX_WEIGHTS = "prefix_config.json", "prefix_encoder.safetensors"
+
+
 @dataclass
 class PtuningV2Config(MethodSettings):
     """P-tuning v2 (Liu et al., 2022): trained key/value prefixes in every layer (ChatGLM's prefix encoder)."""

@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..frameworks import adapter_problem, framework, get_runtime
 from .config import DTYPES, FRAMEWORKS
 from .errors import BackendUnavailable, ParityError, PrecisionError, RecipeError
+from .methods import PREFIX_CONFIG, PREFIX_WEIGHTS
 from .precision import resolve_precision
 from .versions import installed, tuneport_version
 from ..models import CheckpointError, family_for, read_json
@@ -299,8 +300,8 @@ def adapter_identity(adapter: Optional[Path], lora: SyntheticLora) -> dict:
     if (adapter / "config.json").is_file():
         raise ParityError(f"--adapter {adapter}: a full fine-tune (a checkpoint folder); compare it as "
                           f"--model {adapter}")
-    if (adapter / "prefix_config.json").is_file():
-        return {"kind": "ptuning_v2", "sha256": _weights_sha256(adapter / "prefix_encoder.safetensors")}
+    if (adapter / PREFIX_CONFIG).is_file():
+        return {"kind": "ptuning_v2", "sha256": _weights_sha256(adapter / PREFIX_WEIGHTS)}
     if not (adapter / "adapter_config.json").is_file():
         raise ParityError(f"--adapter {adapter}: not a tuned result; expected adapter_config.json (a PEFT adapter) "
                           "or prefix_config.json (P-tuning v2)")

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..frameworks import framework
 from .errors import RunError
-from ..backends import open_backend
+from .loading import open_model, tuned_model
 from ..models import family_for
 
 log = logging.getLogger("tuneport.serve")
@@ -478,22 +477,11 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     if missing:
         raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
     check_port(host, port)
-    family = family_for(model)
-    family.require("serve", f"tuneport serve --model {model}")
-    try:
-        device_name, backend, index = open_backend(device)
-    except ValueError as e:
-        raise RunError(f"--device: {e}") from None
-    tokenizer = family.load_tokenizer(model)
-    config = family.check_checkpoint(model)[0]
-    family.check_vocabulary(tokenizer, config, model, model)
-    loaded = framework("torch").build_tuned_model(model, None, backend, "load", None, device_index=index,
-                                                   adapter=adapter)
-    # folded into the weights where the method allows (LoRA): the same answers, faster; else served as it is
-    merged = loaded.method.merged(loaded.model) if loaded.method else None
-    tuned = loaded.model if merged is None else merged
-    tuned.eval()
-    context = getattr(config, "max_position_embeddings", None) or limits.max_model_len
+    family_for(model).require("serve", f"tuneport serve --model {model}")
+    opened = open_model(model, device)
+    family, tokenizer, device_name = opened.family, opened.tokenizer, opened.device
+    tuned = tuned_model(opened, adapter, merge=True)  # served as it is where its method cannot merge
+    context = getattr(opened.config, "max_position_embeddings", None) or limits.max_model_len
     limits = Limits(limits.max_tokens, limits.max_queue, limits.max_request_bytes, min(limits.max_model_len, context))
     engine = Engine(tuned, tokenizer, family.chat(), name or model.resolve().name, limits, log_prompts)
 

@@ -246,6 +246,8 @@ class VirtualTokens(PeftMethod):
 class LoraLike(PeftMethod):
     """LoRA and its variants: the family's LoRA targets unless the recipe names its own."""
 
+    dora = False  # peft's use_dora
+
     def common(self, method, family: ModelFamily) -> dict:
         return dict(lora_alpha=method.alpha, lora_dropout=method.dropout,
                     target_modules=list(method.target_modules or family.lora_targets), task_type="CAUSAL_LM")
@@ -254,5 +256,3 @@ class LoraLike(PeftMethod):
         import peft
 
         return peft.LoraConfig(r=method.r, use_dora=self.dora, **self.common(method, family))
-
-    dora = False

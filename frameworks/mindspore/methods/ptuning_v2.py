@@ -5,6 +5,7 @@ import json
 from safetensors.numpy import save_file
 
 from ....core.errors import MethodUnavailable
+from ....core.methods import PREFIX_CONFIG, PREFIX_WEIGHTS
 from ..method import MindSporeMethod
 
 
@@ -18,8 +19,8 @@ class PtuningV2(MindSporeMethod):
             param.requires_grad = name.startswith(f"{prefix}.")
 
     def save(self, model, build, folder, trained) -> None:
-        (folder / "prefix_config.json").write_text(json.dumps(build.method.model_overrides(build.family)))
-        save_file({n: p.asnumpy() for n, p in trained.items()}, str(folder / "prefix_encoder.safetensors"))
+        (folder / PREFIX_CONFIG).write_text(json.dumps(build.method.model_overrides(build.family)))
+        save_file({n: p.asnumpy() for n, p in trained.items()}, str(folder / PREFIX_WEIGHTS))
 
 
 METHOD = PtuningV2()

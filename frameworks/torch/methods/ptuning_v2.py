@@ -9,11 +9,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ....core.errors import CheckpointError, MethodUnavailable
+from ....core.methods import PREFIX_CONFIG, PREFIX_WEIGHTS
 from ....models import read_json
 from ..method import Build, TorchMethod
 
-PREFIX_CONFIG = "prefix_config.json"
-PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 
 
 def prefix_module(model, family):
