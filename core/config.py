@@ -21,13 +21,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..frameworks import FRAMEWORKS, frameworks_of
+from ..frameworks import FRAMEWORKS, STRATEGIES_OF, frameworks_of
 from ..models import builder_names
 from .errors import RecipeError
 from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
 DTYPES = ("fp32", "bf16", "fp16")  # the dtypes every command names (torch's: frameworks/torch/build.py)
 PRECISIONS = ("auto", *DTYPES)
 BUILTIN = "builtin:"  # files shipped in recipes/, e.g. builtin:demo.yaml, builtin:demo/data.jsonl
@@ -64,6 +65,10 @@ class TrainConfig:
     # true | false | auto: auto turns it off when `tuneport estimate` says the step fits the device's memory
     gradient_checkpointing: Union[bool, str] = "auto"
     seed: int = 42
+    # ddp: every process holds the whole model; fsdp: torch's FSDP2 shards weights, gradients and optimizer
+    # state over the processes (the frozen base too); deepspeed: the `deepspeed` JSON config's ZeRO stage
+    strategy: str = "ddp"
+    offload: bool = False  # fsdp: keep the shards of weights and optimizer state in host memory
 
 
 @dataclass
@@ -262,6 +267,7 @@ def _check_values(r: Recipe) -> list[str]:
         choice("train.gradient_checkpointing", r.train.gradient_checkpointing, ("auto",))
     choice("precision", r.precision, PRECISIONS)
     choice("framework", r.framework, FRAMEWORKS)
+    found += _strategy_problems(r)
     if (r.train.max_steps is None) == (r.train.epochs is None):
         found.append("train.max_steps / train.epochs: give exactly one of them (the other null)")
     for name, value in [("data.max_input_length", r.data.max_input_length),
@@ -285,6 +291,27 @@ def _check_values(r: Recipe) -> list[str]:
         found.append(f"data.mix_ratio: {r.data.mix_ratio!r} must be in [0, 1): the share of each batch from data.mix")
     if not 0 <= r.train.seed < 2**32:
         found.append(f"train.seed: {r.train.seed!r} must be in [0, 2**32 - 1]")
+    return found
+
+
+def _strategy_problems(r: Recipe) -> list[str]:
+    """train.strategy against the DeepSpeed config, offload and the framework."""
+    t = r.train
+    if t.strategy not in STRATEGIES:
+        return [f"train.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}"]
+    found = []
+    if t.strategy == "deepspeed" and not r.deepspeed:
+        found.append("train.strategy: deepspeed needs deepspeed: its JSON config, e.g. "
+                     "deepspeed=builtin:deepspeed/zero3.json")
+    if t.strategy == "fsdp" and r.deepspeed:
+        found.append("train.strategy / deepspeed: fsdp and a DeepSpeed config exclude each other; remove deepspeed= "
+                     "for fsdp, or set train.strategy=deepspeed")
+    if t.offload and t.strategy != "fsdp":
+        found.append("train.offload: true is FSDP's host-memory offload: set train.strategy=fsdp (DeepSpeed offloads "
+                     "through its JSON: deepspeed=builtin:deepspeed/zero3_offload.json)")
+    if r.framework in FRAMEWORKS and t.strategy not in STRATEGIES_OF[r.framework]:
+        found.append(f"train.strategy: {t.strategy} is not a strategy of framework {r.framework}; it has "
+                     f"{', '.join(STRATEGIES_OF[r.framework])}")
     return found
 
 
@@ -325,6 +352,8 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] = ())
         overridden.append(".".join(keys))
     problems: list[str] = []
     recipe = _build(Recipe, values, "", problems)
+    if recipe.deepspeed and recipe.train.strategy == "ddp":
+        recipe.train.strategy = "deepspeed"  # a DeepSpeed config names the strategy (recipes from before it)
     problems += _check_values(recipe)
     if problems:
         # Each problem starts with its field(s); one an override set is the command line's, not the file's.

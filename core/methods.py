@@ -67,6 +67,12 @@ class QLoraConfig(LoraConfig):
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True  # quantize the quantization constants too
 
+    def recipe_problems(self, recipe) -> list[str]:
+        if recipe.train.strategy == "fsdp":
+            return ["method.name: qlora's 4-bit base cannot be sharded by fsdp; use train.strategy=ddp (QLoRA's base "
+                    "is small already), or method lora with fsdp"]
+        return []
+
     def problems(self) -> list[str]:
         found = super().problems()
         if self.quant_type not in ("nf4", "fp4"):
@@ -141,9 +147,9 @@ class AdaLoraConfig(MethodSettings):
 
     def recipe_problems(self, recipe) -> list[str]:
         found = self.schedule_problems(recipe.train.max_steps)
-        if recipe.deepspeed:
-            found.append("method.name: adalora does not run under DeepSpeed (its rank budget needs the gradients "
-                         "after each step); remove deepspeed=, or choose method lora")
+        if recipe.train.strategy in ("deepspeed", "fsdp"):
+            found.append(f"method.name: adalora does not run under {recipe.train.strategy} (its rank budget reads whole "
+                         "gradients after each step); use train.strategy=ddp, or choose method lora")
         return found
 
     def schedule_problems(self, max_steps: Optional[int]) -> list[str]:

@@ -73,6 +73,8 @@ def read_recipe(args: argparse.Namespace, demo: bool):
     changed = changed_keys(stored, recipe)
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE
                or (k == "train.max_steps" and recipe.method.spans_run)}  # e.g. AdaLoRA's budget spans max_steps
+    if recipe.train.strategy == "fsdp":  # on another number of processes (the checkpoint's batch is checked later)
+        refused.pop("train.micro_batch_size", None)
     if refused:
         raise RunError(f"--resume {resume_dir}: " + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new)
                                                                in refused.items())
@@ -167,6 +169,8 @@ def nothing_left(run: Path, done: int, total: int, recipe, changed: dict) -> Opt
     return None
 
 
+SHARDED = ("fsdp", "deepspeed")  # strategies whose engines need a process group, also for one process
+
 NEW_RUN_FIX = "free disk space, or choose a writable output_dir=..."
 
 
@@ -218,14 +222,18 @@ def prepare_folder(output_dir: Path, action: str, demo: bool, recipe, record: Ca
     return lock
 
 
-def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], dict]) -> None:
-    """After the checkpoint has loaded: note the resume in run.json, and the recipe if an override changed it."""
+def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], dict],
+                  processes: tuple[int, int] = (1, 1)) -> None:
+    """After the checkpoint has loaded: note the resume in run.json (with `processes`, the checkpoint's number of
+    processes and this run's, when they differ), and the recipe if an override changed it."""
     if not rundir.is_run_folder(output_dir):
         rundir.write_marker(output_dir)  # a run folder of an earlier tuneport
     checkpoints.remove_unfinished(output_dir / "checkpoints")
     history = trainer.read_run_json(output_dir) or record()
     history.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
-                                              "changed": {k: list(v) for k, v in changed.items()}})
+                                              "changed": {k: list(v) for k, v in changed.items()},
+                                              **({"world_size": list(processes)} if processes[0] != processes[1]
+                                                 else {})})
     if changed:
         trainer.write_recipe(recipe, output_dir)
     rundir.atomic_write_text(output_dir / "run.json", json.dumps(history, indent=2, default=str))
@@ -276,7 +284,7 @@ def prepare_run(plan: RunPlan, guard: StartupGuard):
     backend.setup()
     if plan.choice.data_parallel:
         dist = init_distributed(backend.capabilities.dist_backend, backend.device,
-                                process_group_alone=bool(plan.recipe.deepspeed))
+                                process_group_alone=plan.recipe.train.strategy in SHARDED)
     else:
         dist = Dist()
     if dist.world_size == 1:  # one process: the device the name picks (`--device npu:1`); a job's, by local rank
@@ -306,7 +314,9 @@ def build_run(plan: RunPlan, dist):
     runtime = plan.choice.build(plan.recipe, plan.precision, model_dir, dist)
     start = trainer.restore(runtime, plan.resume_from) if plan.resume_from else None
     if plan.resume_dir is not None and dist.is_main:
-        record_resume(plan.output_dir, plan.recipe, plan.changed, lambda: run_record(plan, dist))
+        before = checkpoints.read_state(plan.resume_from)["world_size"] if plan.resume_from else dist.world_size
+        record_resume(plan.output_dir, plan.recipe, plan.changed, lambda: run_record(plan, dist),
+                      (before, dist.world_size))
     return runtime, model_dir, start
 
 
@@ -316,13 +326,18 @@ def plan_device(recipe):
     precision = resolve_precision(recipe.precision, choice.device_name, choice.device.capabilities)
     if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
         raise RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
-    if recipe.deepspeed and json.loads(resolve_path(recipe.deepspeed).read_text()).get(
-            "zero_optimization", {}).get("stage", 0) == 3:
-        raise RunError("deepspeed: ZeRO stage 3 is not supported yet (saving would need gathered weights); "
-                               "use stage 2 (builtin:deepspeed/zero2.json)")
-    if recipe.deepspeed and not launched():
-        raise RunError("deepspeed: DeepSpeed runs under a launcher, also for one device; run: torchrun "
-                               "--standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
+    if recipe.deepspeed:
+        try:
+            json.loads(resolve_path(recipe.deepspeed).read_text())
+        except (ValueError, OSError) as e:
+            raise RunError(f"deepspeed: {recipe.deepspeed}: not a readable JSON config ({e}); fix it, or start from "
+                           "builtin:deepspeed/zero3.json") from None
+    if recipe.train.offload and choice.device.device(0).type == "cpu":
+        raise RunError("train.offload: the device is the host already, so there is nothing to offload; remove "
+                       "train.offload=true (or train on an accelerator)")
+    if recipe.train.strategy in SHARDED and not launched():
+        raise RunError(f"train.strategy: {recipe.train.strategy} runs under a launcher, also for one device; run: "
+                       "torchrun --standalone --nproc_per_node N -m tuneport.core.cli train RECIPE ...")
     return choice, precision
 
 

@@ -60,8 +60,13 @@ class Runtime(Protocol):
     def load_state(self, folder: Path) -> None:
         """Restore what `save_state` wrote."""
 
-    def save_adapter(self, folder: Path) -> None:
-        """Write the tuned result in its portable format (a PEFT adapter for LoRA)."""
+    def gather(self) -> Any:
+        """Called on every process before the result is saved: what `save_adapter` needs from the other
+        processes (a sharded model's weights, whole, on the main process), or None."""
+
+    def save_adapter(self, folder: Path, weights: Any = None) -> None:
+        """Write the tuned result in its portable format (a PEFT adapter for LoRA), from `weights` when
+        `gather` returned them (main process only)."""
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[int]:
         """Greedy continuation of `prompt_ids`, ending at any of `stop_ids` (not included)."""

@@ -381,9 +381,13 @@ def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
     size = recipe.train.micro_batch_size
     batches = [data.samples[i: i + size] for i in range(0, len(data.samples), size)][: recipe.eval.max_batches]
     total, tokens = 0.0, 0
-    for samples in batches[runtime.dist.rank:: runtime.dist.world_size]:
-        loss, count = runtime.eval_loss(collate(samples, pad_id))
-        total, tokens = total + loss, tokens + count
+    rank, world = runtime.dist.rank, runtime.dist.world_size
+    # Every process runs as many forwards (a sharded model's take part on all of them); a process short of
+    # a batch repeats the first one and does not count it.
+    for i in range(rank, len(batches) + (-len(batches)) % world, world):
+        loss, count = runtime.eval_loss(collate(batches[i if i < len(batches) else 0], pad_id))
+        if i < len(batches):
+            total, tokens = total + loss, tokens + count
     total, tokens = runtime.dist.all_sum([total, tokens])
     return total / max(1, tokens)
 
@@ -425,6 +429,7 @@ def save_checkpoint(runtime, root: Path, step: int, pos: Position, keep_last: in
         checkpoints.write_state(tmp, {"step": step, "position": asdict(pos), "world_size": dist.world_size,
                                       "micro_batch_size": runtime.recipe.train.micro_batch_size,
                                       "grad_accum": runtime.recipe.train.grad_accum,
+                                      "strategy": runtime.recipe.train.strategy,
                                       "precision": precision_name(runtime.precision)})
         checkpoints.publish(tmp, final)
         checkpoints.prune(root, keep_last)
@@ -458,14 +463,24 @@ def resume_problem(state: dict, recipe: Recipe, world_size: int, precision, chec
     (or None)."""
     t = recipe.train
     now = {"world_size": world_size, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
-           "precision": precision_name(precision)}
+           "precision": precision_name(precision), "strategy": t.strategy}
+    state = {"strategy": "deepspeed" if (checkpoint / "deepspeed").is_dir() else "ddp", **state}  # before strategies
     changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
+    if t.strategy == "fsdp" and set(changed) <= {"world_size", "micro_batch_size"}:
+        before = state["world_size"] * state["micro_batch_size"]
+        if before == world_size * t.micro_batch_size:
+            return None  # FSDP's checkpoint reshards; the same global micro-batch keeps the data order
+        if before % world_size == 0:
+            return (f"--resume: {checkpoint} was written by {state['world_size']} processes of "
+                    f"train.micro_batch_size={state['micro_batch_size']}; with {world_size} set "
+                    f"train.micro_batch_size={before // world_size} to keep the batch of {before} samples")
     if not changed:
         return None
     return (f"--resume: {checkpoint} was written with " + ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
             + " but this run has " + ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
-            + "; resume with the same processes, batch settings and precision (a device with the same precision "
-              "support) for an exact continuation")
+            + "; resume with the same processes, batch settings, strategy and precision (a device with the same "
+              "precision support) for an exact continuation"
+            + (" (train.strategy=fsdp resumes on another number of processes)" if "world_size" in changed else ""))
 
 
 def restore(runtime, checkpoint: Path) -> tuple[int, Position]:
@@ -585,11 +600,12 @@ def train(
         bar.close()
         if metrics:
             metrics.close()
+    weights = runtime.gather()  # every process: a sharded model's weights come together on the main one
     if not dist.is_main:
         return []
     try:
         with checkpoints.atomic_folder(output_dir / "adapter", output_dir / "adapter.tmp") as tmp:
-            runtime.save_adapter(tmp)
+            runtime.save_adapter(tmp, weights)
     except Exception as e:
         reason = checkpoints.write_failure(e)
         if reason is None:

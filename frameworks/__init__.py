@@ -17,6 +17,8 @@ from ..core.errors import CheckpointError, RecipeError
 from ..core.methods import METHODS
 
 FRAMEWORKS = ("torch", "mindspore")  # a new framework: a package here and its name in this tuple
+# how each trains across processes (train.strategy): torch under torchrun, MindSpore under msrun
+STRATEGIES_OF = {"torch": ("ddp", "fsdp", "deepspeed"), "mindspore": ("ddp",)}
 
 
 def framework(name: str):

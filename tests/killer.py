@@ -1,6 +1,6 @@
 """`python tests/killer.py MODE AT tuneport-args...`: runs the tuneport CLI and SIGKILLs itself, for the
 resume tests. MODE step: right after optimizer step AT; MODE checkpoint: in the middle of writing checkpoint
-AT (its files written, not yet renamed)."""
+AT (its files written, not yet renamed). Under a launcher with KILL_RANK=N, only rank N kills itself."""
 
 import os
 import signal
@@ -9,7 +9,9 @@ import sys
 from tuneport.core import checkpoints, cli, trainer
 
 mode, at = sys.argv[1], int(sys.argv[2])
-if mode == "step":
+if os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    pass  # another rank is the one to die
+elif mode == "step":
     original = trainer.train
 
     def train(*args, **kwargs):

@@ -168,7 +168,7 @@ def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys, tmp_path):
         "error: command line: method.tfinal: 1 leaves no step to score importance before the final budget is set at "
         "step 1: train.max_steps - method.tfinal (2 - 1) must be at least 2; lower tfinal or raise train.max_steps"]
     assert main(["train", DEMO, "method.name=adalora", "method.tinit=0", "deepspeed=builtin:deepspeed/zero2.json"]) == 2
-    assert "adalora does not run under DeepSpeed" in capsys.readouterr().err
+    assert "adalora does not run under deepspeed" in capsys.readouterr().err
     assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "method.name=ia3",
                  "method.target_modules=[query_key_value]", "method.feedforward_modules=[dense_h_to_4h]", "train.max_steps=1", f"output_dir={tmp_path / 'ia3'}"]) == 2
     err = capsys.readouterr().err

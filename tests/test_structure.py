@@ -104,7 +104,7 @@ class NormTuning(TorchMethod):
             param.requires_grad_("norm" in name)
         return model
 
-    def save(self, model, build, folder, trained):
+    def save(self, model, build, folder, trained, weights=None):
         save_file({n: p.detach().contiguous() for n, p in trained.items()}, folder / "norms.safetensors")
 
     def load(self, base, adapter, load_base, family):

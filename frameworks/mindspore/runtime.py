@@ -156,7 +156,10 @@ class MindSporeRuntime:
     def memory_stats(self) -> MemoryStats:
         return self.device.memory_stats()
 
-    def save_adapter(self, folder: Path) -> None:
+    def gather(self) -> None:
+        return None  # every worker holds the whole model
+
+    def save_adapter(self, folder: Path, weights=None) -> None:
         """The same formats as TorchRuntime: PEFT LoRA or IA3, the official prefix-encoder weights, or a
         complete checkpoint (full, freeze)."""
         folder.mkdir(parents=True, exist_ok=True)

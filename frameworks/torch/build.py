@@ -44,7 +44,7 @@ def build_tuned_model(model: Union[Path, Any], method, backend, purpose: str, co
                       device_index: int = 0, adapter: Optional[Path] = None, family: Optional[ModelFamily] = None,
                       max_steps: Optional[int] = None, shares: int = 1,
                       checkpointing: Union[bool, Callable[[nn.Module], bool]] = False, required: bool = False,
-                      quantize: Optional[Callable[[nn.Module], None]] = None) -> Tuned:
+                      quantize: Optional[Callable[[nn.Module], None]] = None, host: bool = False) -> Tuned:
     """The model `method` tunes, built for `purpose`.
 
     Args:
@@ -59,6 +59,8 @@ def build_tuned_model(model: Union[Path, Any], method, backend, purpose: str, co
         checkpointing: activation checkpointing, or a function of the loaded model that decides it;
             `required`: the recipe asked for it by name (a method that cannot keep it then refuses).
         quantize: replaces QLoRA's 4-bit rounding (tests).
+        host: ("train") build in host memory, with the backend's kernels, for FSDP to shard onto the device
+            (so the whole model never has to fit one device).
 
     Raises:
         MethodUnavailable: the method cannot run on this model, device or software stack.
@@ -71,7 +73,7 @@ def build_tuned_model(model: Union[Path, Any], method, backend, purpose: str, co
     impl = implementation(method.name, "torch")
     meta = purpose == "meta"
     family = family or family_for(Path(model))
-    device = torch.device("meta") if meta else backend.device(device_index)
+    device = torch.device("meta") if meta else torch.device("cpu") if host else backend.device(device_index)
     build = Build(method, family, purpose, compute, backend, device, None if meta else Path(model), max_steps,
                   shares, quantize)
     impl.check(build)
@@ -83,8 +85,10 @@ def build_tuned_model(model: Union[Path, Any], method, backend, purpose: str, co
             if checkpointing:
                 enable_checkpointing(base)
         return Tuned(tuned.train(), impl, build)
-    base = family.load_model(model, backend, dtype=impl.base_dtype(build), device_index=device_index,
-                             **method.model_overrides(family))
+    base = family.load_model(model, "cpu" if host else backend, dtype=impl.base_dtype(build),
+                             device_index=device_index, **method.model_overrides(family))
+    if host:
+        base.set_kernels(backend.kernels)
     wanted = checkpointing(base) if callable(checkpointing) else checkpointing
     wanted = impl.checkpointing(base, build, bool(wanted), required)
     tuned = impl.attach(base, build)

@@ -101,8 +101,13 @@ class TorchMethod:
         """Restore `state`; returns the optimizer steps it counted."""
         return 0
 
-    def save(self, model: nn.Module, build: Build, folder: Path, trained: dict[str, nn.Parameter]) -> None:
-        """Write the tuned result in its portable format into `folder` (which exists)."""
+    complete = False  # its result holds every weight of the model (then a sharded run gathers them all)
+
+    def save(self, model: nn.Module, build: Build, folder: Path, trained: dict[str, torch.Tensor],
+             weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write the tuned result in its portable format into `folder` (which exists). `trained`: the
+        trained weights by name; `weights`: in a sharded run, the model's state gathered whole (the trained
+        weights, or every weight for a `complete` method), to write instead of the model's own."""
         raise NotImplementedError
 
     def load(self, base: Path, adapter: Path, load_base: Callable[..., nn.Module], family: ModelFamily) -> nn.Module:
@@ -199,8 +204,8 @@ class PeftMethod(TorchMethod):
             raise MethodUnavailable(f"method.init_from: {method.init_from}: weights {result.unexpected_keys[:3]} "
                                     "match no layer of this model")
 
-    def save(self, model: nn.Module, build: Build, folder: Path, trained: dict[str, nn.Parameter]) -> None:
-        model.save_pretrained(folder)
+    def save(self, model, build: Build, folder: Path, trained, weights=None) -> None:
+        model.save_pretrained(folder, state_dict=weights)
 
     def prepare_base(self, model: nn.Module, adapter: Path) -> bool:
         """Change the loaded base before the adapter goes on (QLoRA's 4-bit rounding); whether bitsandbytes

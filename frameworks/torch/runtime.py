@@ -26,6 +26,7 @@ from ...core.distributed import Dist
 from ...core.errors import MethodUnavailable
 from ...core.methods import decays
 from ...core.precision import PrecisionPlan
+from . import sharding
 from .build import DTYPES, build_tuned_model
 from .estimate import choose_checkpointing
 from .generate import generate_replies
@@ -60,12 +61,16 @@ class TorchRuntime:
         torch.manual_seed(recipe.train.seed)  # adapter initialisation is part of the run's seed
         backend.manual_seed(recipe.train.seed)
         t = recipe.train
+        self.sharded = t.strategy == "fsdp"
         tuned = build_tuned_model(self.model_dir, recipe.method, backend, "train", self.compute_dtype,
                                   device_index=dist.local_rank, max_steps=t.max_steps,
                                   shares=t.grad_accum * dist.world_size, checkpointing=self._checkpointing,
-                                  required=t.gradient_checkpointing is True)
+                                  required=t.gradient_checkpointing is True,
+                                  host=self.sharded and self.device.type != "cpu")
         self.model, self.impl, self.build = tuned.model, tuned.method, tuned.build
         self.family = self.build.family
+        if self.sharded:
+            sharding.shard(self.model, self.family.blocks, self.device, dist.world_size, self.compute_dtype, t.offload)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise MethodUnavailable(f"method {recipe.method.name}: nothing to train")
@@ -81,7 +86,7 @@ class TorchRuntime:
         self.forward_model = self.model
         if recipe.deepspeed:
             self._start_deepspeed(precision)
-        elif dist.world_size > 1:
+        elif dist.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = None if self.device.type == "cpu" else [self.device.index]
@@ -160,7 +165,7 @@ class TorchRuntime:
         params = list(self.trainable.values())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+        norm = sharding.total_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -193,11 +198,14 @@ class TorchRuntime:
                    folder / f"rng-rank{self.dist.rank}.pt")
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        if self.sharded:
+            sharding.save(self.model, self.optimizer, folder)
         if not self.dist.is_main or self.engine is not None:  # DeepSpeed's checkpoint holds weights and optimizer
             return
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
-                  folder / "trainable.safetensors")
-        torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if not self.sharded:
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
+                      folder / "trainable.safetensors")
+            torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.scaler:
             torch_save(self.scaler.state_dict(), folder / "scaler.pt")
         if self.impl.state_file:
@@ -209,6 +217,18 @@ class TorchRuntime:
             self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
             self._restore_rng(rng)
             return
+        if self.sharded:
+            sharding.load(self.model, self.optimizer, folder)
+        else:
+            self._load_trained(folder)
+        if self.scaler:
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        if self.impl.state_file:
+            self.steps_done = self.impl.set_state(self.model, torch.load(folder / self.impl.state_file,
+                                                                         map_location=self.device, weights_only=True))
+        self._restore_rng(rng)
+
+    def _load_trained(self, folder: Path) -> None:
         weights = load_file(folder / "trainable.safetensors", device=str(self.device))
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
@@ -219,24 +239,38 @@ class TorchRuntime:
                 param.copy_(weights[name])
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
-        if self.scaler:
-            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-        if self.impl.state_file:
-            self.steps_done = self.impl.set_state(self.model, torch.load(folder / self.impl.state_file,
-                                                                         map_location=self.device, weights_only=True))
-        self._restore_rng(rng)
 
     def _restore_rng(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch_rng"])
         self.backend.set_rng_state(rng["device_rng"])
 
-    def save_adapter(self, folder: Path) -> None:
+    def gather(self) -> Optional[dict[str, torch.Tensor]]:
+        """The weights the tuned result holds, gathered whole from the processes' shards into the main
+        process's host memory (None elsewhere, and when nothing is sharded). Every process calls it."""
+        if self.sharded:
+            return sharding.gathered(self.model, self.impl.complete, self.dist.is_main)
+        if self.engine is None or self.engine.zero_optimization_stage() < 3:
+            return None
+        import deepspeed
+
+        params = list(self.model.parameters()) if self.impl.complete else list(self.trainable.values())
+        with deepspeed.zero.GatheredParameters(params):  # ZeRO-3's partitions, whole on every process for now
+            if not self.dist.is_main:
+                return None
+            if self.impl.complete:
+                return {n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()}
+            return {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
+
+    def save_adapter(self, folder: Path, weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         """The tuned result in its method's portable format: a PEFT adapter folder for the peft methods
         (`peft.PeftModel.from_pretrained(load_model(base), folder)`), `prefix_config.json` and
         `prefix_encoder.safetensors` under the official names for P-tuning v2, a complete checkpoint folder
         for full and freeze tuning; `build.load_tuned_model` loads any of them."""
         folder.mkdir(parents=True, exist_ok=True)
-        self.impl.save(self.model, self.build, folder, self.trainable)
+        if weights is None:
+            self.impl.save(self.model, self.build, folder, self.trainable)
+        else:
+            self.impl.save(self.model, self.build, folder, {n: weights[n] for n in self.trainable}, weights)
 
     def memory_stats(self) -> MemoryStats:
         return self.backend.memory_stats()

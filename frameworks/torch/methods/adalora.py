@@ -46,9 +46,9 @@ class AdaLora(LoraLike):
             state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
         return state["steps_done"]
 
-    def save(self, model, build: Build, folder, trained) -> None:
+    def save(self, model, build: Build, folder, trained, weights=None) -> None:
         model.peft_config["default"].orth_reg_weight = build.method.orth_reg_weight  # the recipe's, not the share
-        super().save(model, build, folder, trained)
+        super().save(model, build, folder, trained, weights)
 
 
 METHOD = AdaLora()

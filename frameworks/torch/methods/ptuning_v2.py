@@ -37,7 +37,7 @@ class PtuningV2(TorchMethod):
         encoder.float().requires_grad_(True)
         return model
 
-    def save(self, model, build: Build, folder: Path, trained) -> None:
+    def save(self, model, build: Build, folder: Path, trained, weights=None) -> None:
         (folder / PREFIX_CONFIG).write_text(json.dumps(build.method.model_overrides(build.family)))
         save_file({n: p.detach().contiguous() for n, p in trained.items()}, folder / PREFIX_WEIGHTS)
 

@@ -88,8 +88,8 @@ class QLora(LoraLike):
         log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
         return True
 
-    def save(self, model, build: Build, folder: Path, trained) -> None:
-        super().save(model, build, folder, trained)
+    def save(self, model, build: Build, folder: Path, trained, weights=None) -> None:
+        super().save(model, build, folder, trained, weights)
         # loading it again means the same 4-bit base (dequantized)
         (folder / QUANTIZED_BASE).write_text(json.dumps(
             {"quant_type": build.method.quant_type, "double_quant": build.method.double_quant}))

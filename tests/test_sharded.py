@@ -1,0 +1,200 @@
+"""Sharded training on the CPU (gloo): FSDP2 and DeepSpeed ZeRO-3 on the golden ChatGLM3 model learn as one
+process with the same global batch does, shard every weight, resume exactly after a SIGKILL, resume on
+another number of processes, and write the adapter a single process writes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneport.core.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "chatglm3" / "checkpoint"
+# fp32, no dropout (each process draws its own masks), the official demo's scale of learning rate (see
+# test_distributed.py), and a checkpoint every 2 steps.
+COMMON = (f"model={GOLDEN}", f"tokenizer={GOLDEN}", "data.train=builtin:demo/data.jsonl", "train.max_steps=4",
+          "train.lr=1e-4", "train.warmup_steps=0", "precision=fp32", "device=cpu", "method.dropout=0.0",
+          "save.every=2", "data.group_by_length=false")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
+
+
+def launch(nproc: int, *args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), *args], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TORCH_EXTENSIONS_DIR": "/nonexistent", **(env or {})})
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+def train(nproc: int, out: Path, *overrides: str, **kwargs) -> Path:
+    launch(nproc, "-m", "tuneport.core.cli", "train", "builtin:demo.yaml", f"output_dir={out}", *COMMON, *overrides,
+           **kwargs)
+    return out
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, file: str = "adapter_model.safetensors") -> dict:
+    return load_file(out / "adapter" / file)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs made once, on demand, shared by the tests: name -> output folder."""
+    root, made = tmp_path_factory.mktemp("sharded"), {}
+
+    def run(name: str) -> Path:
+        if name not in made:
+            made[name] = MAKERS[name](root / name)
+        return made[name]
+
+    return run
+
+
+def one_process(out: Path, *overrides: str) -> Path:
+    assert main(["train", "builtin:demo.yaml", f"output_dir={out}", *COMMON, "train.micro_batch_size=4",
+                 *overrides]) == 0
+    return out
+
+
+MAKERS = {
+    "one": one_process,
+    "fsdp": lambda out: train(2, out, "train.micro_batch_size=2", "train.strategy=fsdp"),
+    "one_full": lambda out: one_process(out, "method.name=full"),
+    "fsdp_full": lambda out: train(2, out, "train.micro_batch_size=2", "train.strategy=fsdp", "method.name=full"),
+    "zero3": lambda out: train(2, out, "train.micro_batch_size=2", "deepspeed=builtin:deepspeed/zero3.json"),
+}
+
+
+def assert_close_losses(a: Path, b: Path) -> None:
+    assert len(losses(a)) == len(losses(b)) == 4
+    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_two_sharded_processes_learn_as_one_with_the_same_global_batch(runs, strategy):
+    assert_close_losses(runs("one"), runs(strategy))
+
+
+def test_full_fine_tuning_under_fsdp_learns_as_one_process(runs):
+    assert_close_losses(runs("one_full"), runs("fsdp_full"))
+    one, two = weights(runs("one_full"), "model.safetensors"), weights(runs("fsdp_full"), "model.safetensors")
+    assert one.keys() == two.keys()  # every weight, gathered from both processes' shards
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_the_sharded_adapter_loads_with_plain_peft_and_gives_the_single_process_logits(runs, strategy):
+    from peft import PeftModel
+
+    from tuneport.models.chatglm3 import load_model
+
+    ids = torch.tensor([[64790, 64792, 30910, 13, 64795, 30910, 13, 307, 5004, 542]])
+    logits = []
+    for run in (runs("one"), runs(strategy)):
+        model = PeftModel.from_pretrained(load_model(GOLDEN), str(run / "adapter")).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    with torch.no_grad():
+        base = load_model(GOLDEN)(input_ids=ids).logits
+    assert (logits[0] - base).abs().max() > 1e-4  # the adapter changes the logits: the comparison can fail
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
+SHARDS = """
+import json, os, sys, torch, torch.distributed as dist
+from tuneport.core.methods import METHODS
+from tuneport.frameworks.torch import sharding
+from tuneport.frameworks.torch.build import build_tuned_model
+from tuneport.backends import get_backend
+dist.init_process_group("gloo")
+tuned = build_tuned_model(sys.argv[1], METHODS["lora"].config(), get_backend("cpu"), "train")
+sharding.shard(tuned.model, tuned.build.family.blocks, torch.device("cpu"), 2, torch.float32, False)
+sizes = {n: [p.to_local().numel(), list(p.shape), p.requires_grad] for n, p in tuned.model.named_parameters()}
+json.dump(sizes, open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_holds_half_of_every_weight_on_each_of_two_processes(tmp_path):
+    (tmp_path / "shards.py").write_text(SHARDS)
+    launch(2, str(tmp_path / "shards.py"), str(GOLDEN), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    frozen = [n for n, (_, _, trained) in ranks[0].items() if not trained]
+    assert any(n.endswith(".layers.1.mlp.dense_h_to_4h.weight") for n in frozen)  # the base, not only LoRA
+    assert any("word_embeddings" in n for n in frozen)
+    for name, (local, shape, _) in ranks[0].items():
+        whole, row = torch.Size(shape).numel(), torch.Size(shape[1:]).numel()
+        assert local + ranks[1][name][0] == whole, name  # the two shards make the weight, once
+        assert abs(local - whole / 2) <= row, name  # each about half: rows split between the processes
+
+
+def test_fsdp_resumes_bit_exactly_after_one_process_is_killed(runs, tmp_path):
+    """Rank 1 SIGKILLs itself after step 3 (the checkpoint of step 2 is the newest); --resume with 2 processes
+    ends where the unbroken run ends, bit for bit."""
+    out = tmp_path / "killed"
+    launch(2, str(REPO / "tests" / "killer.py"), "step", "3", "train", "builtin:demo.yaml", f"output_dir={out}",
+           *COMMON, "train.micro_batch_size=2", "train.strategy=fsdp", env={"KILL_RANK": "1"}, expect=1)
+    assert not (out / "adapter").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    shutil.copytree(out, tmp_path / "copy")
+    launch(2, "-m", "tuneport.core.cli", "train", "--resume", str(out))
+    straight = runs("fsdp")
+    assert losses(out) == losses(straight)
+    a, b = weights(out), weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+    # The same checkpoint on 1 process: DCP reshards it; the global batch stays 4 samples.
+    fewer = tmp_path / "copy"
+    launch(1, "-m", "tuneport.core.cli", "train", "--resume", str(fewer), "train.micro_batch_size=4")
+    torch.testing.assert_close(torch.tensor(losses(fewer)), torch.tensor(losses(straight)), atol=1e-5, rtol=0)
+    resumes = json.loads((fewer / "run.json").read_text())["resumes"]
+    assert resumes[-1]["world_size"] == [2, 1]
+
+
+def test_a_resume_on_another_number_of_processes_is_refused_unless_fsdp_keeps_the_batch(tmp_path):
+    from tuneport.core.config import load_recipe
+    from tuneport.core.precision import PrecisionPlan
+    from tuneport.core.trainer import resume_problem
+
+    state = {"world_size": 2, "micro_batch_size": 2, "grad_accum": 1, "precision": "fp32", "strategy": "fsdp"}
+    fp32 = PrecisionPlan("fp32", False, "")
+
+    def problem(world_size, *overrides, written=state):
+        recipe = load_recipe("builtin:demo.yaml", ("precision=fp32", "train.micro_batch_size=2", *overrides))
+        return resume_problem(written, recipe, world_size, fp32, tmp_path)
+
+    assert problem(1, "train.strategy=fsdp", "train.micro_batch_size=4") is None
+    assert problem(4, "train.strategy=fsdp", "train.micro_batch_size=1") is None
+    assert "set train.micro_batch_size=4 to keep the batch of 4 samples" in problem(1, "train.strategy=fsdp")
+    ddp = problem(1, "train.micro_batch_size=4", written={**state, "strategy": "ddp"})
+    assert "world_size=2" in ddp and "train.strategy=fsdp resumes" in ddp  # ddp keeps refusing
+    assert "strategy=fsdp" in problem(2)  # a checkpoint resumes under the strategy that wrote it
+    assert problem(2, "train.strategy=fsdp") is None
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (("train.strategy=fsdp",), "train.strategy: fsdp runs under a launcher, also for one device; run: torchrun"),
+    (("train.strategy=fsdp", "train.offload=true"), "train.offload: the device is the host already"),
+    (("train.strategy=fsdp", "method.name=adalora", "train.max_steps=3000"), "adalora does not run under fsdp"),
+    (("train.strategy=fsdp", "method.name=qlora"), "qlora's 4-bit base cannot be sharded by fsdp"),
+    (("train.offload=true",), "train.offload: true is FSDP's host-memory offload: set train.strategy=fsdp"),
+    (("train.strategy=deepspeed",), "train.strategy: deepspeed needs deepspeed: its JSON config"),
+    (("train.strategy=fsdp", "framework=mindspore"), "train.strategy: fsdp is not a strategy of framework mindspore"),
+])
+def test_what_a_strategy_cannot_do_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, overrides,
+                                                                                      says):
+    out = tmp_path / "run"
+    assert main(["train", "builtin:demo.yaml", f"output_dir={out}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
