@@ -75,7 +75,12 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (its model: a folder, of which only config.json is read, or a builder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.micro_batch_size=8")
     p.add_argument("--device", help="cpu, cuda, npu, ... (default: the recipe's)")
-    p.add_argument("--memory", help="the memory to fit in, e.g. 24GiB: prints the largest micro-batch that fits")
+    p.add_argument("--memory", help="each card's memory, e.g. 24GiB: prints the largest micro-batch that fits, and "
+                   "the fewest cards and the strategy that fit the recipe")
+    p.add_argument("--nproc", type=int, default=1, help="cards the job runs on (default 1): the memory of each")
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp", "zero2", "zero3"),
+                   help="how the cards share the model: ddp (each holds all), fsdp, DeepSpeed zero2 or zero3")
+    p.add_argument("--offload", action="store_true", help="fsdp: shards in host memory")
 
 
 # --- methods -----------------------------------------------------------------------------------------

@@ -146,6 +146,11 @@ def run_estimate(args: argparse.Namespace) -> int:
     estimate = framework("torch").estimate
 
     memory = parse_memory(args.memory) if args.memory else None  # every argument before the estimate
+    if args.nproc < 1:
+        raise RunError(f"--nproc {args.nproc}: the number of cards must be >= 1")
+    if args.offload and args.strategy != "fsdp":
+        raise RunError("--offload: host-memory offload is fsdp's; add --strategy fsdp (DeepSpeed offloads through "
+                       "its JSON config)")
     recipe = load_recipe(args.recipe, tuple(args.overrides))
     device = (args.device or recipe.device).partition(":")[0]
     if device == "auto":
@@ -154,10 +159,13 @@ def run_estimate(args: argparse.Namespace) -> int:
         raise RunError(f"--device {device}: not one of {', '.join(available_backends())}")
     t, d = recipe.train, recipe.data
     mib = 2**20
+    sharing = dict(nproc=args.nproc, strategy=args.strategy, offload=args.offload)
+    cards = f", per card of {args.nproc} ({args.strategy}{' with offload' if args.offload else ''})" \
+        if args.nproc > 1 or args.strategy != "ddp" else ""
     print(f"tuneport estimate: {recipe.model}, method {recipe.method.name}, {device}, precision {recipe.precision}, "
-          f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens")
+          f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens{cards}")
     plans = {on: estimate.plan(recipe, device, checkpointing=on) for on in (False, True)}
-    both = {on: p.at(t.micro_batch_size) for on, p in plans.items()}
+    both = {on: p.at(t.micro_batch_size, **sharing) for on, p in plans.items()}
     print(f"{'':14s}{'checkpointing off':>20s}{'on':>12s}")
     for part in ("weights", "gradients", "optimizer", "activations", "logits", "runtime"):
         print(f"  {part:12s}{getattr(both[False], part) / mib:16.0f} MiB{getattr(both[True], part) / mib:8.0f} MiB")
@@ -167,13 +175,34 @@ def run_estimate(args: argparse.Namespace) -> int:
     shown = args.memory.replace("GiB", " GiB").replace("MiB", " MiB").replace("GB", " GB").replace("MB", " MB")
     for on in (False, True):
         print(f"largest micro-batch in {shown}, checkpointing {'on' if on else 'off'}: "
-              f"{plans[on].largest_batch(memory)}")
+              f"{plans[on].largest_batch(memory, **sharing)}")
     auto = t.gradient_checkpointing == "auto"
     on = estimate.needs_checkpointing(both[False].peak, memory) if auto else t.gradient_checkpointing
     fits = both[on].peak <= memory
     how = f"auto: {'on' if on else 'off'}" if auto else ("on" if on else "off")
     print(f"the recipe (checkpointing {how}) fits in {shown}: {'yes' if fits else 'no'}")
+    print(fewest_cards(plans, t.micro_batch_size, memory, shown, t.gradient_checkpointing))
     return 0 if fits else 1
+
+
+def fewest_cards(plans: dict, batch: int, memory: int, shown: str, checkpointing, most: int = 1024) -> str:
+    """The fewest cards of `memory` bytes the step fits on, and the first strategy that fits there (the
+    cheapest in communication first: ddp, zero2, fsdp, zero3, fsdp with offload), checkpointing off before on
+    unless the recipe fixes it."""
+    choices = [("ddp", False), ("zero2", False), ("fsdp", False), ("zero3", False), ("fsdp", True)]
+    allowed = (False, True) if checkpointing == "auto" else (bool(checkpointing),)
+    nproc = 1
+    while nproc <= most:
+        for strategy, offload in choices:
+            for on in allowed:
+                peak = plans[on].at(batch, nproc, strategy, offload).peak
+                if peak <= memory:
+                    host = plans[on].host(nproc) if offload else 0
+                    return (f"fewest cards of {shown}: {nproc} with --strategy {strategy}{' --offload' if offload else ''}"
+                            f", checkpointing {'on' if on else 'off'} ({peak / 2**30:.1f} GiB each"
+                            + (f", and {host / 2**30:.1f} GiB of host memory each)" if offload else ")"))
+        nproc *= 2
+    return f"fewest cards of {shown}: none up to {most}; lower the micro-batch or the sequence length"
 
 
 def run_methods(args: argparse.Namespace) -> int:

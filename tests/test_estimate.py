@@ -106,7 +106,7 @@ def test_estimate_parts_and_the_largest_batch(folders):
     assert checkpointed.activations < plain.activations / 2 and checkpointed.weights == plain.weights
     # LoRA r 8 on query_key_value of 3 layers: r x (in 512 + out 8 x 64 + 2 x 2 x 64), float32
     assert plain.gradients == 4 * 3 * 8 * (512 + 512 + 2 * 2 * 64)
-    assert plain.optimizer == 2 * plain.gradients
+    assert plain.optimizer == 3 * plain.gradients  # AdamW's two moments, and the one temporary of its step
     memory = plain.peak
     assert largest_batch(recipe, "cpu", memory, runtime=0) == 4  # the estimated batch is the largest that fits
     assert largest_batch(recipe, "cpu", plain.weights, runtime=0) == 0
@@ -138,3 +138,103 @@ def test_gradient_checkpointing_auto_follows_the_estimate(folders):
     assert choose_checkpointing(qlora, "cpu", 2 * without) is True  # not estimated: the safe way
     with pytest.raises(RecipeError, match="train.gradient_checkpointing: 'sometimes' is not one of auto"):
         load_recipe({**values, "train": {**values["train"], "gradient_checkpointing": "sometimes"}})
+
+
+SHARDED_WORKER = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from tuneport.backends import get_backend
+from tuneport.core.config import load_recipe
+from tuneport.core.distributed import init_distributed
+from tuneport.core.precision import resolve_precision
+from tuneport.frameworks.torch.estimate import estimate
+from tuneport.frameworks.torch.runtime import TorchRuntime
+
+values, strategy = json.loads(sys.argv[1]), sys.argv[2]
+if strategy.startswith("zero"):
+    import deepspeed  # imported before the estimate, whose runtime part is the resident memory then
+    values.update(deepspeed=f"builtin:deepspeed/{strategy}.json")
+else:
+    values["train"]["strategy"] = strategy
+recipe = load_recipe(values)
+backend = get_backend("cpu")
+backend.setup()
+dist = init_distributed("gloo", backend.device, process_group_alone=True)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+predicted = estimate(recipe, "cpu", nproc=dist.world_size, strategy=strategy)
+runtime = TorchRuntime(recipe, backend, resolve_precision(recipe.precision, "cpu", backend.capabilities),
+                       Path(recipe.model), dist)
+d, b = recipe.data, recipe.train.micro_batch_size
+seq = d.max_input_length + d.max_output_length + 1
+ids = np.random.default_rng(dist.rank).integers(0, 60000, (b, seq))
+labels = ids.copy()
+labels[:, :d.max_input_length + 1] = -100
+batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids)}
+for _ in range(2):
+    runtime.forward_backward(batch, dist.world_size * int((labels[:, 1:] != -100).sum()))
+    runtime.optimizer_step(1e-4, 1.0)
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+if dist.rank == 0:
+    print(json.dumps({"measured": peak_kib * 1024, "predicted": predicted.peak, "parts": vars(predicted)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-memory reset")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_the_per_card_estimate_of_each_strategy_is_near_the_peak_of_two_processes(folders, tmp_path, strategy):
+    """Full fine-tuning, so that what the engines divide (weights, gradients, optimizer state) is most of it."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra; install tuneport[deepspeed]")
+    (tmp_path / "worker.py").write_text(SHARDED_WORKER)
+    recipe = recipe_for(folders["h256"], "full", 2, (32, 95), False)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), json.dumps(recipe), strategy], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    ratio = result["predicted"] / result["measured"]
+    print(f"\nestimate --nproc 2 --strategy {strategy}: predicted {result['predicted'] / 2**20:.0f} MiB, measured "
+          f"{result['measured'] / 2**20:.0f} MiB, ratio {ratio:.3f}")
+    assert 0.8 < ratio < 1.2
+
+
+def test_sharing_divides_what_each_engine_divides(tmp_path):
+    chatglm3_6b_config().save_pretrained(tmp_path)  # config.json alone: all the estimate reads
+    recipe = load_recipe(recipe_for(tmp_path, "full", 2, (32, 95), False))
+    alone = estimate(recipe, "cpu", runtime=0)
+    per = {s: estimate(recipe, "cpu", runtime=0, nproc=8, strategy=s) for s in ("ddp", "fsdp", "zero2", "zero3")}
+    assert per["ddp"].weights == alone.weights and per["ddp"].optimizer == alone.optimizer
+    assert per["zero2"].weights == alone.weights and per["zero2"].optimizer < alone.optimizer / 4
+    assert per["fsdp"].weights < alone.weights and per["fsdp"].optimizer == alone.optimizer // 8
+    assert per["zero3"].weights < alone.weights
+    assert all(p.activations == alone.activations for p in per.values())  # every card's own
+    offload = estimate(recipe, "cpu", runtime=0, nproc=8, strategy="fsdp", offload=True)
+    assert offload.optimizer == 0 and offload.weights < per["fsdp"].weights
+
+
+def test_estimate_command_per_card_and_the_fewest_cards(tmp_path, capsys):
+    chatglm3_6b_config().save_pretrained(tmp_path)
+    values = recipe_for(tmp_path, "full", 1, (256, 512), True)
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(values))
+    args = ["estimate", str(recipe_file), "--device", "cuda", "precision=bf16"]
+    assert main([*args, "--memory", "32GB"]) == 1  # full fine-tuning of 6B does not fit one card of 32 GB
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("fewest cards of 32 GB: "))
+    nproc, strategy = int(line.split(": ")[1].split()[0]), line.split("--strategy ")[1].split()[0].rstrip(",")
+    order = [("ddp", False), ("zero2", False), ("fsdp", False), ("zero3", False), ("fsdp", True)]
+    chosen = order.index((strategy, "--offload" in line))
+    recipe = load_recipe(values, ("precision=bf16",))
+
+    def fits(n, s, o):
+        return estimate(recipe, "cuda", nproc=n, strategy=s, offload=o).peak <= 32e9
+
+    assert fits(nproc, *order[chosen])  # the advice fits, and nothing before it in the order does
+    assert not any(fits(nproc, *choice) for choice in order[:chosen])
+    assert nproc == 1 or not any(fits(nproc // 2, *choice) for choice in order)
+    assert main([*args, "--nproc", "8", "--strategy", "fsdp", "--memory", "32GB"]) == 0
+    assert "per card of 8 (fsdp)" in capsys.readouterr().out
+    assert main([*args, "--offload"]) == 2
+    assert "--offload: host-memory offload is fsdp's; add --strategy fsdp" in capsys.readouterr().err

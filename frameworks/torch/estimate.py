@@ -35,6 +35,8 @@ from .build import DTYPES, build_tuned_model
 
 log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # what `--strategy` divides by: DeepSpeed's stages apart
+BUCKET = 50_000_000  # elements in DeepSpeed's reduce bucket (recipes/deepspeed/*.json's reduce_bucket_size)
 
 
 @dataclass
@@ -96,8 +98,16 @@ def _saved_bytes(model, seq: int) -> int:
         return t
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = inner.base_model(input_ids=torch.zeros(1, seq, dtype=torch.long, device="meta"))
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = inner.base_model(input_ids=ids)
+    except RuntimeError:  # transformers' mask code reads values (meta tensors have none); a ready causal mask skips it
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = inner.base_model(input_ids=ids, position_ids=torch.arange(seq, device="meta")[None],
+                                      attention_mask=torch.ones(1, 1, seq, seq, dtype=torch.bool, device="meta"))
+    hidden = hidden if torch.is_tensor(hidden) else hidden[0]  # transformers' models return an output object
     return sum(saved.values()) + hidden.numel() * hidden.element_size()  # the final hidden feeds the loss
 
 
@@ -125,22 +135,54 @@ class Plan:
     hidden: int
     size: int  # bytes per element in the compute dtype
     device_type: str  # "cpu", "cuda", "npu": the label-only loss's chunk size depends on it
+    unit: int = 0  # bytes FSDP or ZeRO-3 gathers at once: the rest of the model with its two largest blocks
+    unit_trained: int = 0  # trainable parameters in that gathered unit
 
-    def at(self, batch: int) -> Estimate:
-        """The estimate for a micro-batch of `batch` samples."""
+    def at(self, batch: int, nproc: int = 1, strategy: str = "ddp", offload: bool = False) -> Estimate:
+        """The estimate for a micro-batch of `batch` samples, on each of `nproc` cards under `strategy`
+        (one of STRATEGIES; `offload`: fsdp's shards in host memory)."""
         data = self.recipe.data
         seq = data.max_input_length + data.max_output_length + 1
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)
         cast = self.size if self.size < 4 else 0  # the gradient cast back to the compute dtype
         logits = min(rows, loss_chunk(self.device_type)) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
-        return dataclasses.replace(self.fixed, activations=self.per_sample * batch, logits=logits)
+        return dataclasses.replace(self.shared(nproc, strategy, offload), activations=self.per_sample * batch,
+                                   logits=logits)
 
-    def largest_batch(self, memory: int, limit: int = 1 << 16) -> int:
-        """The largest micro-batch (up to `limit`) that fits in `memory` bytes; 0 if one sample does not."""
+    def shared(self, nproc: int, strategy: str, offload: bool) -> Estimate:
+        """The fixed parts on one of `nproc` cards: what each engine divides among the processes, and what it
+        holds whole for a while (DDP's gradient buckets, the unit FSDP and ZeRO-3 gather, DeepSpeed's reduce and
+        gather buckets and float32 master partition). Activations and logits are every card's own.
+
+        The optimizer part holds AdamW's two moments and the one float32 temporary of its step, over the
+        trained weights this card updates."""
+        f, n = self.fixed, nproc
+        grads = f.gradients  # float32, one per trained weight
+        bucket = min(grads, BUCKET * 4)
+        if strategy == "ddp":  # every card holds everything; DDP's buckets copy the gradients once more
+            return dataclasses.replace(f, gradients=grads * (2 if n > 1 else 1), optimizer=f.optimizer + grads)
+        if strategy in ("zero2", "zero3"):  # gradients (and a float32 copy), master weights and optimizer divided
+            weights = f.weights // n + self.unit + bucket if strategy == "zero3" else f.weights
+            return dataclasses.replace(f, weights=weights, gradients=2 * grads // n + bucket,
+                                       optimizer=(f.optimizer + 2 * grads) // n + (bucket if strategy == "zero2" else 0))
+        if offload:  # fsdp with the shards in host memory: only what is gathered stays on the card
+            return dataclasses.replace(f, weights=self.unit, gradients=self.unit_trained * 4, optimizer=0)
+        return dataclasses.replace(f, weights=f.weights // n + self.unit,
+                                   gradients=grads // n + self.unit_trained * 4, optimizer=(f.optimizer + grads) // n)
+
+    def host(self, nproc: int) -> int:
+        """Host memory each of `nproc` processes holds under fsdp with offload: its shards of the weights,
+        gradients and optimizer state."""
+        f = self.fixed
+        return (f.weights + f.gradients + f.optimizer + f.gradients) // nproc
+
+    def largest_batch(self, memory: int, limit: int = 1 << 16, **sharing) -> int:
+        """The largest micro-batch (up to `limit`) that fits in `memory` bytes; 0 if one sample does not
+        (`sharing`: `at`'s nproc, strategy and offload)."""
         low, high = 0, limit  # the estimate grows with the batch: bisect
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if self.at(middle).peak <= memory else (low, middle - 1)
+            low, high = (middle, high) if self.at(middle, **sharing).peak <= memory else (low, middle - 1)
         return low
 
 
@@ -175,12 +217,32 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     fixed = Estimate(weights=weights, gradients=trainable * 4, optimizer=trainable * 4 * ADAM_STATES, activations=0,
                      logits=0, runtime=runtime_bytes(device) if runtime is None else runtime)
     rows = model.get_output_embeddings().weight.shape[0]  # the vocabulary the loss forms logits over
+    unit, unit_trained = _gathered_unit(model, family.blocks, compute)
     return Plan(recipe, fixed, per_sample, rows, config.hidden_size,
-                torch.empty((), dtype=compute).element_size(), device.partition(":")[0])
+                torch.empty((), dtype=compute).element_size(), device.partition(":")[0], unit, unit_trained)
+
+
+def _gathered_unit(model, blocks: str, compute) -> tuple[int, int]:
+    """(bytes, trainable parameters) of what a sharded step holds whole at once: the parameters outside the
+    blocks (the root unit: embedding, output layer, norms) and the two largest blocks (the one computing and
+    the one prefetched), gathered in the compute dtype."""
+    from .sharding import block_lists
+
+    def size(params) -> tuple[int, int]:
+        params = list(params)
+        return (sum(p.numel() * min(p.element_size(), compute.itemsize) for p in params),
+                sum(p.numel() for p in params if p.requires_grad))
+
+    per_block = sorted((size(block.parameters()) for blocks_list in block_lists(model, blocks) for block in blocks_list),
+                       reverse=True)
+    inside = {id(p) for blocks_list in block_lists(model, blocks) for p in blocks_list.parameters()}
+    root = size(p for p in model.parameters() if id(p) not in inside)
+    largest = per_block[:2]
+    return root[0] + sum(b[0] for b in largest), root[1] + sum(b[1] for b in largest)
 
 
 def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Optional[bool] = None,
-             runtime: Optional[int] = None) -> Estimate:
+             runtime: Optional[int] = None, nproc: int = 1, strategy: str = "ddp", offload: bool = False) -> Estimate:
     """The predicted peak memory of one training step of `recipe` on `device`.
 
     Args:
@@ -189,11 +251,13 @@ def estimate(recipe, device: str, batch: Optional[int] = None, checkpointing: Op
         device: the device name, for the compute dtype and the runtime part.
         batch, checkpointing: override the recipe's micro-batch size and gradient checkpointing.
         runtime: override the runtime part, in bytes.
+        nproc, strategy, offload: the memory of each of `nproc` cards under `strategy` (one of STRATEGIES).
 
     Raises:
         RunError: a method or model family that cannot be estimated.
     """
-    return plan(recipe, device, checkpointing, runtime).at(batch or recipe.train.micro_batch_size)
+    return plan(recipe, device, checkpointing, runtime).at(batch or recipe.train.micro_batch_size, nproc, strategy,
+                                                           offload)
 
 
 def needs_checkpointing(peak_without: int, memory: int) -> bool:

@@ -9,7 +9,7 @@ LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def family() -> ModelFamily:
-    from .checkpoint import check_checkpoint, load_model, qwen2_5_7b_config
+    from .checkpoint import check_checkpoint, load_config, load_model, qwen2_5_7b_config
     from .model import Qwen2ForCausalLM
     from .tokenizer import check_vocabulary, load_tokenizer
 
@@ -25,5 +25,6 @@ def family() -> ModelFamily:
         ia3_targets=("q_proj", "v_proj", "down_proj"),  # peft's defaults for qwen2
         ia3_feedforward=("down_proj",),
         model_class=Qwen2ForCausalLM,
-        reference=("Qwen2.5-7B", qwen2_5_7b_config),  # for `tuneport methods` (estimate is ChatGLM3's only, so far)
+        load_config=load_config,
+        reference=("Qwen2.5-7B", qwen2_5_7b_config),  # for `tuneport methods`
     )
