@@ -17,6 +17,18 @@ if TYPE_CHECKING:  # annotations only: importing the device interface (and the r
 from ..core.errors import BackendUnavailable, MethodUnavailable  # noqa: F401  (re-exported)
 
 
+# What to try when a collective does not start across processes (`tuneport doctor --nproc N`), by
+# torch.distributed backend.
+COLLECTIVE_FIXES = {
+    "gloo": "check that this host's name resolves (hostname -i) and that no firewall blocks local ports; set "
+            "GLOO_SOCKET_IFNAME to the interface to use",
+    "nccl": "run with NCCL_DEBUG=INFO to see why; NCCL_P2P_DISABLE=1 works around broken peer-to-peer links; set "
+            "NCCL_SOCKET_IFNAME for multi-node jobs",
+    "hccl": "check the cards with npu-smi info and that ASCEND_RT_VISIBLE_DEVICES lists N of them; raise "
+            "HCCL_CONNECT_TIMEOUT (seconds) on slow starts; set HCCL_IF_IP for multi-node jobs",
+}
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a device can do, read from the running hardware.

@@ -49,6 +49,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
 def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="a registered device: cpu, cuda, npu, ... (default cpu)")
     p.add_argument("--framework", default="torch", choices=FRAMEWORKS)
+    p.add_argument("--nproc", type=int, default=1, help="also check that N local processes start the collective "
+                   "a job of N uses (gloo, nccl, hccl, MindSpore's under msrun)")
 
 
 # --- convert -------------------------------------------------------------------------------------------

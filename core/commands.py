@@ -95,7 +95,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    return doctor.run(args.device, args.framework)
+    return doctor.run(args.device, args.framework, args.nproc)
 
 
 def run_convert(args: argparse.Namespace) -> int:

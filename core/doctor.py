@@ -11,7 +11,7 @@ from dataclasses import asdict
 from .errors import RecipeError, RunError
 from .versions import installed
 from ..backends import BackendUnavailable, doctor_lines
-from ..frameworks import get_runtime
+from ..frameworks import framework as framework_package, get_runtime
 
 ENV_VARS = (
     "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "PYTORCH_NPU_ALLOC_CONF", "TORCH_DEVICE_BACKEND_AUTOLOAD",
@@ -27,8 +27,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
-    """Lines of the report for `device` under `framework`, and whether it is usable."""
+def report(device: str, framework: str = "torch", nproc: int = 1) -> tuple[list[str], bool]:
+    """Lines of the report for `device` under `framework`, and whether it is usable (with `nproc` > 1: whether
+    that many local processes start the framework's collective on it)."""
     lines = [f"tuneport {_version('tuneport')}", f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]
     for name in ("torch", "transformers", "peft", "safetensors", "numpy", "bitsandbytes", "deepspeed", "mindspore"):
@@ -47,6 +48,9 @@ def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     except (BackendUnavailable, RecipeError, RunError, ValueError) as e:
         usable = False
         lines.append(f"  NOT USABLE: {e}")
+    if usable and nproc > 1:
+        usable, more = framework_package(framework).check_collective(device, nproc)
+        lines += more
     lines += doctor_lines(device.split(":")[0])
     lines.append("")
     lines.append("environment:")
@@ -55,8 +59,11 @@ def report(device: str, framework: str = "torch") -> tuple[list[str], bool]:
     return lines, usable
 
 
-def run(device: str, framework: str = "torch") -> int:
-    lines, usable = report(device, framework)
+def run(device: str, framework: str = "torch", nproc: int = 1) -> int:
+    if nproc < 1:
+        raise RunError(f"--nproc {nproc}: the number of processes must be >= 1")
+    lines, usable = report(device, framework, nproc)
     print("\n".join(lines))
-    print(f"\nresult: {device} is {'usable' if usable else 'NOT usable (see the fix above)'}")
+    job = f" for {nproc} processes" if nproc > 1 else ""
+    print(f"\nresult: {device} is {'usable' if usable else 'NOT usable (see the fix above)'}{job}")
     return 0 if usable else 1

@@ -44,3 +44,15 @@ def test_doctor_gives_this_machines_answer(device, capsys):
 def test_doctor_passes_on_the_hardware(device, capsys):
     """Hardware truth (`pytest -m device`): on a machine with the device, doctor says it is usable."""
     assert main(["doctor", "--device", device]) == 0
+
+
+def test_doctor_nproc_starts_the_collective_of_a_job_of_n_processes(capsys, monkeypatch):
+    assert main(["doctor", "--device", "cpu", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "collective: gloo across 2 processes: ok (all-reduce of the ranks 1..2 = 3)" in out
+    assert "result: cpu is usable for 2 processes" in out
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "no-such-interface0")  # gloo cannot start: the check says so
+    assert main(["doctor", "--device", "cpu", "--nproc", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT USABLE: gloo across 2 processes failed (" in out and "Unable to find address" in out
+    assert "set GLOO_SOCKET_IFNAME to the interface to use" in out

@@ -32,6 +32,7 @@ from ...models import builder_family, builder_names, family_for
 from ...models.loss import loss_chunk
 from .. import implementation
 from .build import DTYPES, build_tuned_model
+from .sharding import block_lists
 
 log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, float32 each
@@ -226,8 +227,6 @@ def _gathered_unit(model, blocks: str, compute) -> tuple[int, int]:
     """(bytes, trainable parameters) of what a sharded step holds whole at once: the parameters outside the
     blocks (the root unit: embedding, output layer, norms) and the two largest blocks (the one computing and
     the one prefetched), gathered in the compute dtype."""
-    from .sharding import block_lists
-
     def size(params) -> tuple[int, int]:
         params = list(params)
         return (sum(p.numel() * min(p.element_size(), compute.itemsize) for p in params),
