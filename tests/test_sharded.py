@@ -198,3 +198,77 @@ def test_what_a_strategy_cannot_do_is_refused_in_one_line_before_anything_is_wri
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+METHODS_WORKER = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+from tuneport.backends import get_backend
+from tuneport.core.config import load_recipe
+from tuneport.core.distributed import Dist, init_distributed
+from tuneport.core.precision import resolve_precision
+
+values, out, methods = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(",")
+backend = get_backend("cpu")
+sharded = len(sys.argv) > 4
+dist = init_distributed("gloo", backend.device, process_group_alone=True) if sharded else Dist()
+from tuneport.frameworks.torch.runtime import TorchRuntime
+rng = np.random.default_rng(0)
+ids = rng.integers(5, 1000, (4, 12))
+labels = ids.copy()
+labels[:, :5] = -100
+mine = slice(2 * dist.rank, 2 * dist.rank + 2) if sharded else slice(0, 4)
+batch = {"input_ids": ids[mine], "labels": labels[mine], "attention_mask": np.ones_like(ids[mine])}
+for name in methods:
+    recipe = load_recipe({**values, "method": {"name": name, "dropout": 0.0}, "train": {**values["train"],
+                          "strategy": "fsdp" if sharded else "ddp", "micro_batch_size": 4 // dist.world_size}})
+    runtime = TorchRuntime(recipe, backend, resolve_precision("fp32", "cpu", backend.capabilities),
+                           Path(recipe.model), dist)
+    for module in runtime.model.modules():  # each process draws its own masks: no dropout, e.g. P-tuning v2's
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for _ in range(2):
+        runtime.forward_backward(batch, int((labels[:, 1:] != -100).sum()))
+        runtime.optimizer_step(1e-4, 1.0)  # the scale of test_distributed.py: Adam magnifies rounding at larger ones
+    (out / name).mkdir(parents=True, exist_ok=True)
+    runtime.save_state(out / name)  # each process its shard (a checkpoint's files) ...
+    runtime.load_state(out / name)  # ... read back, resharded
+    weights = runtime.gather()
+    if dist.is_main:
+        runtime.save_adapter(out / name / "adapter", weights)
+"""
+
+
+def test_every_method_that_shards_trains_under_fsdp_as_one_process(tmp_path):
+    """Each method fsdp does not refuse takes two steps on 2 processes, checkpoints and reloads its shards, and
+    saves the result a single process saves from the same global batch."""
+    from tuneport.core.config import RecipeError, load_recipe
+    from tuneport.core.methods import METHODS
+
+    values = {"model": str(GOLDEN), "tokenizer": str(GOLDEN), "data": {"train": "unused.jsonl"},
+              "precision": "fp32", "device": "cpu", "train": {"max_steps": 2, "seed": 3}}
+    sharding = []
+    for name in METHODS:
+        try:
+            load_recipe({**values, "method": {"name": name}, "train": {**values["train"], "strategy": "fsdp"}})
+            sharding.append(name)
+        except RecipeError as e:
+            assert "cannot be sharded by fsdp" in str(e) or "does not run under fsdp" in str(e)
+    assert {"lora", "dora", "ia3", "prompt_tuning", "ptuning", "prefix_tuning", "ptuning_v2", "full",
+            "freeze"} <= set(sharding)
+    (tmp_path / "worker.py").write_text(METHODS_WORKER)
+    args = [json.dumps(values), ",".join(sharding)]
+    launch(2, str(tmp_path / "worker.py"), *args[:1], str(tmp_path / "two"), args[1], "fsdp")
+    one = subprocess.run([sys.executable, str(tmp_path / "worker.py"), args[0], str(tmp_path / "one"), args[1]],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in sharding:
+        files = sorted((tmp_path / "one" / name / "adapter").glob("*.safetensors"))
+        assert files, name
+        for file in files:
+            a, b = load_file(file), load_file(tmp_path / "two" / name / "adapter" / file.name)
+            assert a.keys() == b.keys(), name
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=f"{name}: {key}")

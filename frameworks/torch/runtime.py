@@ -248,7 +248,9 @@ class TorchRuntime:
         """The weights the tuned result holds, gathered whole from the processes' shards into the main
         process's host memory (None elsewhere, and when nothing is sharded). Every process calls it."""
         if self.sharded:
-            return sharding.gathered(self.model, self.impl.complete, self.dist.is_main)
+            weights = sharding.gathered(self.model, self.impl.complete, self.dist.is_main)
+            self.model.unshard()  # the root unit whole: peft computes a prompt encoder's tokens from it on saving
+            return weights
         if self.engine is None or self.engine.zero_optimization_stage() < 3:
             return None
         import deepspeed
