@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -272,3 +273,64 @@ def test_every_method_that_shards_trains_under_fsdp_as_one_process(tmp_path):
             assert a.keys() == b.keys(), name
             for key in a:
                 torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=f"{name}: {key}")
+
+
+DEVICE_STEP = """
+import sys
+from pathlib import Path
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tuneport.backends import get_backend
+from tuneport.core.config import load_recipe
+from tuneport.core.distributed import init_distributed
+from tuneport.core.precision import resolve_precision
+from tuneport.core.trainer import label_tokens
+from tuneport.frameworks.torch.runtime import TorchRuntime
+
+device, golden, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+backend = get_backend(device)
+backend.setup()
+dist = init_distributed(backend.capabilities.dist_backend, backend.device, process_group_alone=True)
+backend.set_device(0)
+cases = load_file(golden / "cases.safetensors")
+batch = {"input_ids": cases["input_ids"].numpy(), "labels": cases["labels"].numpy(),
+         "attention_mask": np.ones_like(cases["input_ids"].numpy())}
+recipe = load_recipe("builtin:demo.yaml", (f"model={golden / 'checkpoint'}", "tokenizer=null", "method.r=4",
+                     "method.alpha=8", "method.dropout=0", "method.target_modules=[query_key_value]",
+                     "train.strategy=fsdp"))
+runtime = TorchRuntime(recipe, backend, resolve_precision("bf16", device, backend.capabilities),
+                       golden / "checkpoint", dist)
+loss = runtime.forward_backward(batch, label_tokens(batch))
+grads = {n: p.grad.full_tensor().float().cpu().contiguous() for n, p in runtime.trainable.items()}
+save_file({"loss": torch.tensor([loss]), **grads}, out)
+"""
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.device(d)) for d in ("cuda", "npu")])
+def test_one_fsdp_lora_step_on_the_device_in_bf16_matches_the_cpu_in_fp32(golden, device, tmp_path):
+    """Hardware truth (`pytest -m device`): one LoRA step of the golden model under fsdp (1 process, the
+    device's collective, bf16 weights gathered) against the plain fp32 step on the CPU; the tolerance of
+    test_train.py's device step: loss within 2%, each gradient within 5% of its norm."""
+    from tuneport.backends import get_backend
+    from tuneport.core.config import load_recipe
+    from tuneport.core.precision import resolve_precision
+    from tuneport.core.trainer import label_tokens
+    from tuneport.frameworks.torch.runtime import TorchRuntime
+
+    (tmp_path / "step.py").write_text(DEVICE_STEP)
+    launch(1, str(tmp_path / "step.py"), device, str(golden), str(tmp_path / "step.safetensors"))
+    on_device = load_file(tmp_path / "step.safetensors")
+    cases = load_file(golden / "cases.safetensors")
+    batch = {"input_ids": cases["input_ids"].numpy(), "labels": cases["labels"].numpy(),
+             "attention_mask": np.ones_like(cases["input_ids"].numpy())}
+    recipe = load_recipe("builtin:demo.yaml", (f"model={golden / 'checkpoint'}", "tokenizer=null", "method.r=4",
+                                               "method.alpha=8", "method.dropout=0",
+                                               "method.target_modules=[query_key_value]"))
+    cpu = get_backend("cpu")
+    runtime = TorchRuntime(recipe, cpu, resolve_precision("fp32", "cpu", cpu.capabilities), golden / "checkpoint")
+    loss = runtime.forward_backward(batch, label_tokens(batch))
+    assert float(on_device["loss"]) == pytest.approx(loss, rel=2e-2)
+    assert on_device.keys() - {"loss"} == runtime.trainable.keys()
+    for name, param in runtime.trainable.items():
+        assert (on_device[name] - param.grad).norm() <= 5e-2 * param.grad.norm() + 1e-8, name
