@@ -2,16 +2,42 @@
 
 One process per device; the collective backend comes from the device backend's capabilities (gloo
 on the CPU, nccl on CUDA, hccl on Ascend). We only start the process group and use torch's
-collectives; DistributedDataParallel and DeepSpeed do the gradient exchange.
+collectives; DistributedDataParallel and DeepSpeed do the gradient exchange. A framework with a
+launcher of its own (MindSpore's msrun) joins its job itself and gives `Dist` its own `Collective`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class Collective(Protocol):
+    """A framework's own collectives over the job it joined (MindSpore's under msrun), for `Dist`."""
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over all processes, the same numbers on every process."""
+
+    def barrier(self) -> None:
+        """Return once every process has called it."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's place in the job its launcher started, as the launcher's environment says it before
+    the process joins the job (a run validates and locks its folder before joining)."""
+
+    rank: Optional[int] = 0  # None: a process of the launcher's own (msrun's scheduler): it trains and writes nothing
+    world_size: int = 1
+
+
+def torchrun_job() -> Job:
+    """The job torchrun (or DeepSpeed's launcher) describes in RANK and WORLD_SIZE; one process without them."""
+    return Job(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @dataclass(frozen=True)
@@ -22,6 +48,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"  # where collective tensors live: the CPU for gloo, this process's device otherwise
+    # the framework's own collectives (None: torch.distributed's, once torchrun's process group is started)
+    collective: Optional[Collective] = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -33,6 +61,8 @@ class Dist:
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over all processes (the values themselves when alone)."""
+        if self.collective is not None and self.world_size > 1:
+            return self.collective.all_sum(list(values))
         if not self.active or self.world_size == 1:
             return list(values)
         dtype = torch.float64 if self.device == "cpu" else torch.float32  # not every accelerator has fp64
@@ -41,7 +71,9 @@ class Dist:
         return tensor.cpu().tolist()
 
     def barrier(self) -> None:
-        if self.active and self.world_size > 1:
+        if self.collective is not None and self.world_size > 1:
+            self.collective.barrier()
+        elif self.active and self.world_size > 1:
             dist.barrier()
 
 

@@ -110,9 +110,10 @@ def folder_action(output_dir: Path, resume: bool, demo: bool) -> str:
                       "or choose another output_dir=...")
 
 
-def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
+def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict, world_size: int):
     """Validate everything a run reads (model, tokenizer, data, resume checkpoint), writing nothing. A resume
-    must have steps left to train (`changed`: the keys its overrides change).
+    must have steps left to train (`changed`: the keys its overrides change) and continue on the processes
+    that wrote its checkpoint (`world_size`: the job's, as its launcher says).
 
     Returns:
         (tokenizer, the run's data (trainer.Datasets), checkpoint to resume from or None)
@@ -145,7 +146,6 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict):
         except (OSError, ValueError) as e:
             raise RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
                                    "checkpoint folder away to resume from the one before it") from None
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         problem = (trainer.resume_problem(state, recipe, world_size, precision, resume_from)
                    or nothing_left(resume_dir, state["step"], trainer.total_steps(recipe, len(data.train.samples),
                                                                                   world_size), recipe, changed))
@@ -264,11 +264,12 @@ def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
     """The command line to a validated run plan. Writes nothing (a resume first locks its folder, so that
     no other run changes the checkpoints it reads)."""
     recipe, resume_dir, demo, changed = read_recipe(args, demo)
-    lock = rundir.RunLock(resume_dir) if resume_dir is not None and int(os.environ.get("RANK", "0")) == 0 else None
+    action = folder_action(Path(recipe.output_dir), resume_dir is not None, demo)  # reads only
+    # The framework says where its launcher put this process (choice.job): rank 0 locks a resumed folder.
+    choice, precision = plan_device(recipe)
+    lock = rundir.RunLock(resume_dir) if resume_dir is not None and choice.job.rank == 0 else None
     try:
-        action = folder_action(Path(recipe.output_dir), resume_dir is not None, demo)
-        choice, precision = plan_device(recipe)
-        tokenizer, data, resume_from = plan_inputs(recipe, resume_dir, precision, changed)
+        tokenizer, data, resume_from = plan_inputs(recipe, resume_dir, precision, changed, choice.job.world_size)
     except BaseException:
         if lock:
             lock.release()
@@ -278,11 +279,14 @@ def plan_run(args: argparse.Namespace, demo: bool) -> RunPlan:
 
 
 def prepare_run(plan: RunPlan, guard: StartupGuard):
-    """Set up the device and the process group, then claim a new run's folder (rank 0: lock, marker,
-    recipe.yaml, run.json; `guard.undo` removes them again). Returns this process's Dist."""
+    """Set up the device and join the job (torchrun's process group, or the framework's own launcher's job:
+    `choice.join`), then claim a new run's folder (rank 0: lock, marker, recipe.yaml, run.json; `guard.undo`
+    removes them again). Returns this process's Dist."""
     backend = plan.choice.device
     backend.setup()
-    if plan.choice.data_parallel:
+    if plan.choice.join is not None:
+        dist = plan.choice.join()
+    elif plan.choice.data_parallel:
         dist = init_distributed(backend.capabilities.dist_backend, backend.device,
                                 process_group_alone=plan.recipe.train.strategy in SHARDED)
     else:

@@ -9,14 +9,14 @@ Two interfaces meet here. A **Backend** (`backends/base.py`) is a device as torc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 
 from ..backends.base import MemoryStats
 from .config import Recipe
-from .distributed import Dist
+from .distributed import Dist, Job, torchrun_job
 from .precision import PrecisionPlan
 
 if TYPE_CHECKING:  # annotations only; the functions import it when they run
@@ -83,11 +83,17 @@ class Runtime(Protocol):
 class RuntimeChoice:
     """What `get_runtime` chose: the framework, the device's name and object (a Backend for torch, a
     MindSporeDevice for MindSpore: both have `name`, `capabilities`, `setup`, `set_device`, `device` and
-    `memory_stats`), whether it trains data-parallel under torchrun, and `build(recipe, precision,
-    model_dir, dist) -> Runtime`."""
+    `memory_stats`), `build(recipe, precision, model_dir, dist) -> Runtime`, and how the framework joins a
+    job of several processes: torchrun's process group (`data_parallel`), or its own launcher's job (`join`).
+
+    `job` is where the launcher put this process, read before joining; `join()` is called once, after the
+    device's `setup()`, and returns this process's Dist (with the framework's `Collective` when the job has
+    more than one process)."""
 
     framework: str
     device_name: str
     device: Any
     build: Callable[[Recipe, PrecisionPlan, Path, Dist], Runtime]
     data_parallel: bool = True  # joins a torchrun job's process group
+    join: Optional[Callable[[], Dist]] = None  # joins the job of the framework's own launcher (msrun) instead
+    job: Job = field(default_factory=torchrun_job)

@@ -1,18 +1,17 @@
 """The MindSpore framework: `MindSporeRuntime` (runtime.py) on a `backends.mindspore.MindSporeDevice`,
-`tuneport parity`'s capture (parity.py), and one file per tuning method it runs in methods/. Importing
-this package imports no MindSpore (its runtime and capture import it when they run); the registry
-(`tuneport.frameworks.framework("mindspore")`) imports this package only when a command needs it."""
+`tuneport parity`'s capture (parity.py), msrun's jobs of several processes (distributed.py), and one file
+per tuning method it runs in methods/. Importing this package imports no MindSpore (its runtime, capture
+and collectives import it when they run); the registry (`tuneport.frameworks.framework("mindspore")`)
+imports this package only when a command needs it."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 from ...backends.mindspore import MindSporeDevice
-from ...core.distributed import launched
-from ...core.errors import RunError
 from ...core.runtime import RuntimeChoice
 from .build import adapter_method  # noqa: F401  (the framework's API)
+from .distributed import join, msrun_job
 from .parity import capture as _capture
 from .runtime import MindSporeRuntime
 
@@ -20,15 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def choose(device: str) -> RuntimeChoice:
-    """The MindSpore runtime on `device` (cpu, npu or cuda; `auto` means the CPU).
+    """The MindSpore runtime on `device` (cpu, npu or cuda; `auto` means the CPU), one process alone or a
+    worker of an msrun job (distributed.py).
 
     Raises:
-        RunError: a job of several processes (msrun jobs train with the torch path for now).
+        RunError: several processes started by another launcher than msrun.
         BackendUnavailable: MindSpore or the device is not usable here.
     """
-    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("RANK_SIZE", "1")) > 1:
-        raise RunError("framework mindspore: one process per job for now; several cards train with the torch "
-                       "path (torchrun, hccl on Ascend)")
+    job = msrun_job()
     if device == "auto":
         device = "cpu"
         log.warning("framework mindspore: device auto means the CPU; pass --device npu for Ascend")
@@ -37,7 +35,8 @@ def choose(device: str) -> RuntimeChoice:
     def build(recipe, precision, model_dir, dist):
         return MindSporeRuntime(recipe, ms_device, precision, model_dir, dist)
 
-    return RuntimeChoice("mindspore", device, ms_device, build, data_parallel=False)
+    return RuntimeChoice("mindspore", device, ms_device, build, data_parallel=False, join=lambda: join(ms_device),
+                         job=job)
 
 
 def capture(device, device_index: int, *args, **kwargs) -> dict:

@@ -4,7 +4,8 @@
 `TorchRuntime` does): micro-batch forward/backward with token-normalised accumulation, AdamW steps
 with torch's exact update rule and clipping, evaluation, exact checkpoints, adapters, greedy
 generation, on a `backends.mindspore.MindSporeDevice`. The tuning method is its `MindSporeMethod`
-(methods/). Runs in PyNative mode, one process per device (multi-card Ascend jobs start with `msrun`).
+(methods/). Runs in PyNative mode, one process per device; several processes are an msrun job
+(distributed.py), whose workers sum their gradients before each step.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class MindSporeRuntime:
         self.exp_avg_sq = [ms.ops.zeros_like(p) for p in params]
         self.grads = None
         self.step_count = 0
+        # Each worker's losses are divided by the token count of the whole job's step (num_items), so the
+        # step's gradient is the sum of the workers' (TorchRuntime multiplies its loss by the world size
+        # because DDP averages instead).
+        self.sum_over_workers = ms.ops.AllReduce() if dist.world_size > 1 else None
         self.grad_fn = ms.value_and_grad(self._loss, None, params)
         self.model.set_train(True)
 
@@ -86,6 +91,8 @@ class MindSporeRuntime:
         """AdamW with torch's update order (decay, moments, bias corrections), after torch-style clipping."""
         ops = self.ms.ops
         grads, self.grads = self.grads, None
+        if self.sum_over_workers is not None:
+            grads = [self.sum_over_workers(g) for g in grads]
         norm = float(np.sqrt(sum(float((g.astype(self.ms.float32) ** 2).sum().asnumpy()) for g in grads)))
         if self.loss_scaler is not None:
             from mindspore.amp import all_finite
@@ -132,7 +139,8 @@ class MindSporeRuntime:
         moments.update({f"exp_avg_sq.{n}": v.asnumpy() for n, v in zip(self.trainable, self.exp_avg_sq)})
         save_file(moments, str(folder / "optimizer.safetensors"))
         # MindSpore's dropout draws from per-operator seeds that no public API saves, so a resumed run
-        # is bit-exact only without dropout (LoRA dropout 0; P-tuning's prefix dropout is always on).
+        # is bit-exact only without dropout (LoRA dropout 0; P-tuning's prefix dropout is always on). Nothing
+        # else differs between the workers of an msrun job, so rank 0's files are the whole state.
         state = {"step": self.step_count}
         if self.loss_scaler:
             state["loss_scale"] = float(self.loss_scaler.scale_value.asnumpy())

@@ -212,7 +212,13 @@ class TorchRuntime:
             torch_save(self.impl.state(self.model, self.steps_done), folder / self.impl.state_file)
 
     def load_state(self, folder: Path) -> None:
-        rng = torch.load(folder / f"rng-rank{self.dist.rank}.pt", weights_only=True)
+        rng_file = folder / f"rng-rank{self.dist.rank}.pt"
+        if self.sharded and not rng_file.exists():  # fsdp resumed on more processes than wrote the checkpoint
+            log.warning("%s: no random state of process %d (fewer processes wrote it): its dropout masks start "
+                        "from the run's seed", folder, self.dist.rank)
+            torch.manual_seed(self.recipe.train.seed + self.dist.rank)
+            rng_file = None
+        rng = torch.load(rng_file, weights_only=True) if rng_file else None
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
             self._restore_rng(rng)
@@ -240,7 +246,9 @@ class TorchRuntime:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
 
-    def _restore_rng(self, rng: dict) -> None:
+    def _restore_rng(self, rng: Optional[dict]) -> None:
+        if rng is None:
+            return
         torch.set_rng_state(rng["torch_rng"])
         self.backend.set_rng_state(rng["device_rng"])
 
