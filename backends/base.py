@@ -26,6 +26,8 @@ COLLECTIVE_FIXES = {
             "NCCL_SOCKET_IFNAME for multi-node jobs",
     "hccl": "check the cards with npu-smi info and that ASCEND_RT_VISIBLE_DEVICES lists N of them; raise "
             "HCCL_CONNECT_TIMEOUT (seconds) on slow starts; set HCCL_IF_IP for multi-node jobs",
+    "mccl": "MindSpore's CPU collective: check that msrun is on PATH (it comes with mindspore) with the "
+            "environment's python first, and that no firewall blocks msrun's --master_port",
 }
 
 

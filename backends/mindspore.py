@@ -58,7 +58,7 @@ class MindSporeDevice:
         ascend_a2 = name.startswith(("Ascend910B", "Ascend910_93"))
         return Capabilities(device_name=name, device_count=1, memory_total=0,
                             bf16=ascend_a2 or self.target == "GPU", fp16=self.target != "CPU",
-                            dist_backend={"CPU": "gloo", "Ascend": "hccl", "GPU": "nccl"}[self.target],
+                            dist_backend={"CPU": "mccl", "Ascend": "hccl", "GPU": "nccl"}[self.target],  # MindSpore's
                             visible_devices_env={"Ascend": "ASCEND_RT_VISIBLE_DEVICES",
                                                  "GPU": "CUDA_VISIBLE_DEVICES"}.get(self.target),
                             prefers_fp32=self.target == "CPU")

@@ -186,3 +186,11 @@ def test_a_worker_without_its_rank_is_refused(monkeypatch):
     monkeypatch.setenv("MS_WORKER_NUM", "4")
     with pytest.raises(RunError, match="--node_rank"):
         msrun_job()
+
+
+@needs_msrun
+def test_doctor_nproc_starts_mindspores_collective_under_msrun(capsys, monkeypatch):
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert main(["doctor", "--framework", "mindspore", "--device", "cpu", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "collective: mccl (MindSpore's) across 2 msrun workers: ok (all-reduce of the ranks 1..2 = 3)" in out

@@ -11,7 +11,7 @@ import logging
 from ...backends.mindspore import MindSporeDevice
 from ...core.runtime import RuntimeChoice
 from .build import adapter_method  # noqa: F401  (the framework's API)
-from .distributed import join, msrun_job
+from .distributed import check_collective, join, msrun_job  # noqa: F401  (check_collective: doctor's)
 from .parity import capture as _capture
 from .runtime import MindSporeRuntime
 

@@ -11,11 +11,20 @@ then serves the job inside `init` and exits there: it never trains, writes or lo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
+from ...backends.base import COLLECTIVE_FIXES
+from ...backends.mindspore import MindSporeDevice
 from ...core.distributed import Dist, Job, launched
 from ...core.errors import RunError
 
@@ -86,3 +95,35 @@ class MindSporeCollective:
         # An all-reduce returns on no process before every process has sent its part; MindSpore's Barrier
         # has no CPU kernel.
         self.reduce(self.ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+def check_collective(device: str, nproc: int, timeout: float = 180) -> tuple[bool, list[str]]:
+    """`tuneport doctor --framework mindspore --nproc N`: whether msrun starts N local workers on `device` that
+    add up their ranks over MindSpore's collective; the report's lines."""
+    name = MindSporeDevice(device).capabilities.dist_backend
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # msrun runs this python
+    msrun = shutil.which("msrun", path=path)
+    if msrun is None:
+        return False, [f"  NOT USABLE: msrun not found; it comes with mindspore: pip install 'tuneport[mindspore]'"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as logs:
+        launch = [msrun, "--worker_num", str(nproc), "--local_worker_num", str(nproc), "--master_port", str(port),
+                  "--log_dir", logs, "--join", "True", "--cluster_time_out", str(int(timeout)), "python", "-m",
+                  f"{__package__}.collective_job", device]
+        try:
+            done = subprocess.run(launch, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "PATH": path, "GLOG_v": "3"})
+        except subprocess.TimeoutExpired:
+            return False, [f"  NOT USABLE: {name} across {nproc} msrun workers did not start in {timeout:.0f} s; "
+                           f"{COLLECTIVE_FIXES[name]}"]
+        worker0 = Path(logs) / "worker_0.log"
+        text = worker0.read_text(errors="replace") if worker0.exists() else done.stderr
+    result = next((json.loads(line) for line in text.splitlines() if line.startswith("{")), None)
+    if done.returncode != 0 or result is None or result["sum"] != nproc * (nproc + 1) // 2:
+        errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
+        why = errors[-1].strip()[:300] if errors else f"exit status {done.returncode}"
+        return False, [f"  NOT USABLE: {name} across {nproc} msrun workers failed ({why}); {COLLECTIVE_FIXES[name]}"]
+    return True, [f"  collective: {name} (MindSpore's) across {nproc} msrun workers: ok (all-reduce of the ranks "
+                  f"1..{nproc} = {result['sum']:g})"]
