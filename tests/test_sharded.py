@@ -142,6 +142,19 @@ def test_fsdp_resumes_bit_exactly_after_one_process_is_killed(runs, tmp_path):
     assert resumes[-1]["world_size"] == [2, 1]
 
 
+def test_a_zero3_run_resumes_bit_exactly_from_its_deepspeed_checkpoint(runs, tmp_path):
+    """The ZeRO-3 run cut back to its step-2 checkpoint (as a kill after it leaves it), resumed on 2 processes."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra; install tuneport[deepspeed]")
+    straight, cut = runs("zero3"), tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    for later in (cut / "checkpoints" / "step-4", cut / "adapter"):
+        shutil.rmtree(later)
+    launch(2, "-m", "tuneport.core.cli", "train", "--resume", str(cut))
+    assert losses(cut) == losses(straight)
+    a, b = weights(cut), weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_a_resume_on_another_number_of_processes_is_refused_unless_fsdp_keeps_the_batch(tmp_path):
     from tuneport.core.config import load_recipe
     from tuneport.core.precision import PrecisionPlan
