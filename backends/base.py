@@ -8,6 +8,7 @@ runs on. Nothing outside `backends/` touches `torch.cuda`, `torch.npu` or `torch
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol
 
@@ -29,6 +30,23 @@ COLLECTIVE_FIXES = {
     "mccl": "MindSpore's CPU collective: check that msrun is on PATH (it comes with mindspore) with the "
             "environment's python first, and that no firewall blocks msrun's --master_port",
 }
+
+
+def collective_verdict(name: str, nproc: int, workers: str, returncode: Optional[int], output: str,
+                       errors: list[str], label: str = "") -> tuple[bool, list[str]]:
+    """`tuneport doctor --nproc N`'s verdict on a launched check whose rank 0 printed `{"sum": ...}` (the ranks
+    1..N added up) in `output`: whether the collective `name` worked, and the report's line, with the fix
+    when it did not (`returncode` None: the launch timed out; `errors`: the most telling error lines first;
+    `label`: how to name the collective, `name` by default)."""
+    label = label or name
+    if returncode is None:
+        return False, [f"  NOT USABLE: {label} across {nproc} {workers} did not start in time; {COLLECTIVE_FIXES[name]}"]
+    result = next((json.loads(line) for line in output.splitlines() if line.startswith('{"sum"')), None)
+    if returncode != 0 or result is None or result["sum"] != nproc * (nproc + 1) // 2:
+        why = errors[0].strip()[:300] if errors else f"exit status {returncode}"
+        return False, [f"  NOT USABLE: {label} across {nproc} {workers} failed ({why}); {COLLECTIVE_FIXES[name]}"]
+    return True, [f"  collective: {label} across {nproc} {workers}: ok (all-reduce of the ranks 1..{nproc} = "
+                  f"{result['sum']:g})"]
 
 
 @dataclass(frozen=True)

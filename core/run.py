@@ -328,11 +328,12 @@ def plan_device(recipe):
     """(framework and device choice, precision plan) for the recipe, with its DeepSpeed settings checked."""
     choice = get_runtime(recipe.framework, recipe.device)
     precision = resolve_precision(recipe.precision, choice.device_name, choice.device.capabilities)
-    if recipe.deepspeed and not resolve_path(recipe.deepspeed).exists():
-        raise RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
     if recipe.deepspeed:
+        config = resolve_path(recipe.deepspeed)
+        if not config.exists():
+            raise RunError(f"deepspeed: {recipe.deepspeed}: file not found; give a DeepSpeed JSON config")
         try:
-            json.loads(resolve_path(recipe.deepspeed).read_text())
+            json.loads(config.read_text())
         except (ValueError, OSError) as e:
             raise RunError(f"deepspeed: {recipe.deepspeed}: not a readable JSON config ({e}); fix it, or start from "
                            "builtin:deepspeed/zero3.json") from None

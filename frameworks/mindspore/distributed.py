@@ -11,7 +11,6 @@ then serves the job inside `init` and exits there: it never trains, writes or lo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...backends.base import COLLECTIVE_FIXES
+from ...backends.base import collective_verdict
 from ...backends.mindspore import MindSporeDevice
 from ...core.distributed import Dist, Job, launched
 from ...core.errors import RunError
@@ -101,6 +100,7 @@ def check_collective(device: str, nproc: int, timeout: float = 180) -> tuple[boo
     """`tuneport doctor --framework mindspore --nproc N`: whether msrun starts N local workers on `device` that
     add up their ranks over MindSpore's collective; the report's lines."""
     name = MindSporeDevice(device).capabilities.dist_backend
+    label = f"{name} (MindSpore's)"
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # msrun runs this python
     msrun = shutil.which("msrun", path=path)
     if msrun is None:
@@ -116,14 +116,8 @@ def check_collective(device: str, nproc: int, timeout: float = 180) -> tuple[boo
             done = subprocess.run(launch, capture_output=True, text=True, timeout=timeout,
                                   env={**os.environ, "PATH": path, "GLOG_v": "3"})
         except subprocess.TimeoutExpired:
-            return False, [f"  NOT USABLE: {name} across {nproc} msrun workers did not start in {timeout:.0f} s; "
-                           f"{COLLECTIVE_FIXES[name]}"]
+            return collective_verdict(name, nproc, "msrun workers", None, "", [], label)
         worker0 = Path(logs) / "worker_0.log"
         text = worker0.read_text(errors="replace") if worker0.exists() else done.stderr
-    result = next((json.loads(line) for line in text.splitlines() if line.startswith("{")), None)
-    if done.returncode != 0 or result is None or result["sum"] != nproc * (nproc + 1) // 2:
-        errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
-        why = errors[-1].strip()[:300] if errors else f"exit status {done.returncode}"
-        return False, [f"  NOT USABLE: {name} across {nproc} msrun workers failed ({why}); {COLLECTIVE_FIXES[name]}"]
-    return True, [f"  collective: {name} (MindSpore's) across {nproc} msrun workers: ok (all-reduce of the ranks "
-                  f"1..{nproc} = {result['sum']:g})"]
+    errors = [line for line in reversed(text.splitlines()) if "Error" in line or "error" in line]  # the last says why
+    return collective_verdict(name, nproc, "msrun workers", done.returncode, text, errors, label)

@@ -172,8 +172,8 @@ class Plan:
                                    gradients=grads // n + self.unit_trained * 4, optimizer=(f.optimizer + grads) // n)
 
     def host(self, nproc: int) -> int:
-        """Host memory each of `nproc` processes holds under fsdp with offload: its shards of the weights,
-        gradients and optimizer state."""
+        """Host memory each of `nproc` processes holds under fsdp with offload: its shards of the weights, the
+        gradients and the optimizer state with its step's temporary (as `shared` counts them on a card)."""
         f = self.fixed
         return (f.weights + f.gradients + f.optimizer + f.gradients) // nproc
 
@@ -232,11 +232,10 @@ def _gathered_unit(model, blocks: str, compute) -> tuple[int, int]:
         return (sum(p.numel() * min(p.element_size(), compute.itemsize) for p in params),
                 sum(p.numel() for p in params if p.requires_grad))
 
-    per_block = sorted((size(block.parameters()) for blocks_list in block_lists(model, blocks) for block in blocks_list),
-                       reverse=True)
-    inside = {id(p) for blocks_list in block_lists(model, blocks) for p in blocks_list.parameters()}
+    every_block = [block for blocks_list in block_lists(model, blocks) for block in blocks_list]
+    largest = sorted((size(block.parameters()) for block in every_block), reverse=True)[:2]
+    inside = {id(p) for block in every_block for p in block.parameters()}
     root = size(p for p in model.parameters() if id(p) not in inside)
-    largest = per_block[:2]
     return root[0] + sum(b[0] for b in largest), root[1] + sum(b[1] for b in largest)
 
 

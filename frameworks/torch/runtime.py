@@ -212,13 +212,7 @@ class TorchRuntime:
             torch_save(self.impl.state(self.model, self.steps_done), folder / self.impl.state_file)
 
     def load_state(self, folder: Path) -> None:
-        rng_file = folder / f"rng-rank{self.dist.rank}.pt"
-        if self.sharded and not rng_file.exists():  # fsdp resumed on more processes than wrote the checkpoint
-            log.warning("%s: no random state of process %d (fewer processes wrote it): its dropout masks start "
-                        "from the run's seed", folder, self.dist.rank)
-            torch.manual_seed(self.recipe.train.seed + self.dist.rank)
-            rng_file = None
-        rng = torch.load(rng_file, weights_only=True) if rng_file else None
+        rng = self._saved_rng(folder)
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
             self._restore_rng(rng)
@@ -245,6 +239,17 @@ class TorchRuntime:
                 param.copy_(weights[name])
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
+
+    def _saved_rng(self, folder: Path) -> Optional[dict]:
+        """This process's random generators as the checkpoint saved them; None for a process that did not
+        write it (fsdp resumed on more processes: it starts from the run's seed instead)."""
+        file = folder / f"rng-rank{self.dist.rank}.pt"
+        if self.sharded and not file.exists():
+            log.warning("%s: no random state of process %d (fewer processes wrote it): its dropout masks start "
+                        "from the run's seed", folder, self.dist.rank)
+            torch.manual_seed(self.recipe.train.seed + self.dist.rank)
+            return None
+        return torch.load(file, weights_only=True)
 
     def _restore_rng(self, rng: Optional[dict]) -> None:
         if rng is None:
@@ -277,10 +282,8 @@ class TorchRuntime:
         `prefix_encoder.safetensors` under the official names for P-tuning v2, a complete checkpoint folder
         for full and freeze tuning; `build.load_tuned_model` loads any of them."""
         folder.mkdir(parents=True, exist_ok=True)
-        if weights is None:
-            self.impl.save(self.model, self.build, folder, self.trainable)
-        else:
-            self.impl.save(self.model, self.build, folder, {n: weights[n] for n in self.trainable}, weights)
+        trained = self.trainable if weights is None else {n: weights[n] for n in self.trainable}
+        self.impl.save(self.model, self.build, folder, trained, weights)
 
     def memory_stats(self) -> MemoryStats:
         return self.backend.memory_stats()
