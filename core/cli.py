@@ -89,6 +89,8 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
 def add_methods_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a checkpoint folder to count on (default: each model family's flagship, "
                    "e.g. ChatGLM3-6B, from its config alone)")
+    p.add_argument("--family", action="append", metavar="MODEL_TYPE",
+                   help="only this model type's reference size (repeat for more; default: every family)")
 
 
 # --- serve -------------------------------------------------------------------------------------------

@@ -213,8 +213,9 @@ def run_methods(args: argparse.Namespace) -> int:
         family = family_for(folder)
         columns = [(folder.name, family, family.check_checkpoint(folder)[0])]  # config and weight headers only
     else:
-        columns = [(f.reference[0], f, f.reference[1]()) for f in map(get_family, model_types()) if f.reference]
-    print(f"{'method':15s}{'frameworks':18s}" + "".join(f"{'trainable on ' + name:>26s}" for name, _, _ in columns))
+        families = map(get_family, args.family or model_types())
+        columns = [(f.reference[0], f, f.reference[1]()) for f in families if f.reference]
+    rows = []
     for name, entry in METHODS.items():
         method = entry.config()
         counts = []
@@ -223,7 +224,12 @@ def run_methods(args: argparse.Namespace) -> int:
                 counts.append(f"{trainable_parameters(family, config, method):,}")
             except MethodUnavailable:  # e.g. ChatGLM's own P-tuning v2 on another family
                 counts.append("-")
-        print(f"{name:15s}{', '.join(frameworks_of(name)):18s}" + "".join(f"{c:>26s}" for c in counts))
+        rows.append((name, ", ".join(frameworks_of(name)), counts))
+    widths = [max(len(name), *(len(counts[i]) for _, _, counts in rows)) + 2 for i, (name, _, _) in enumerate(columns)]
+    print("trainable parameters on each model (its config.json, counted on the meta device):")
+    print(f"{'method':15s}{'frameworks':18s}" + "".join(f"{name:>{w}s}" for (name, _, _), w in zip(columns, widths)))
+    for name, frameworks, counts in rows:
+        print(f"{name:15s}{frameworks:18s}" + "".join(f"{c:>{w}s}" for c, w in zip(counts, widths)))
     return 0
 
 

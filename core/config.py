@@ -49,6 +49,8 @@ class DataConfig:
     # the share of samples drawn from data.mix (per batch, seeded, exact on resume); train.epochs counts all
     # samples, so with mixing an epoch covers (1 - mix_ratio) of data.train
     mix_ratio: float = 0.1
+    # a chat template (.jinja) for a model folder without one (transformers decoders; ChatGLM3 has its own)
+    template: Optional[str] = None
 
 
 @dataclass

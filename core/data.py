@@ -435,9 +435,12 @@ def encode_dataset(
     conversations, fmt, count = read_conversations(path, fmt)
     limit = max_input_length + max_output_length + 1
     samples, truncated, dropped = [], 0, 0
-    for _, messages in conversations:
+    for line, messages in conversations:
         # Encode untruncated (the tokenizer cuts at max_input + max_output + 1) to count the cuts.
-        input_ids, labels = tokenizer.encode_conversation(messages, sys.maxsize, 0)
+        try:
+            input_ids, labels = tokenizer.encode_conversation(messages, sys.maxsize, 0)
+        except ValueError as e:  # what the model's chat template cannot render (a role, tools, a tool call)
+            raise DataError(f"{path}: line {line}: {e}") from None
         if len(input_ids) > limit:
             truncated += 1
             input_ids, labels = input_ids[:limit], labels[:limit]

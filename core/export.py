@@ -35,7 +35,8 @@ EXPORT_RECORD = "export.json"
 FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 WRITE_FIX = "free disk space, or choose a writable --out"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 # How the base folder's release code (its family's `release_code`) went into the export.
 RELEASE, COPIED, SKIPPED = "a published release's: copied", "copied (--copy-code)", "skipped"
 

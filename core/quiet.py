@@ -20,7 +20,7 @@ HARMLESS_WARNINGS = (
     # resizing reads; the saved ranks are the allocated ones (tests/test_methods.py checks them).
     (RuntimeWarning, r"The following rank_pattern keys did not match any targeted module", r"peft\.tuners\.tuners_utils"),
     # peft drops the position ids of prompt-learning methods (virtual tokens come first); the model then numbers
-    # positions itself, which tests/test_qwen2.py checks against the uncached model.
+    # positions itself, which tests/test_decoder.py checks against the uncached model.
     (UserWarning, r"Position ids are not supported for parameter efficient tuning", r"peft\.peft_model"),
 )
 # (logger, message regex)

@@ -132,7 +132,11 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict, wo
     if recipe.model not in builder_names():
         config, _, _ = family.check_checkpoint(model_dir, **recipe.method.model_overrides(family))
     tokenizer_path = trainer.tokenizer_path(recipe, model_dir)
-    tokenizer = family.load_tokenizer(tokenizer_path)
+    if recipe.data.template:
+        family.require("template", "data.template")
+        tokenizer = family.load_tokenizer(tokenizer_path, template=resolve_path(recipe.data.template))
+    else:
+        tokenizer = family.load_tokenizer(tokenizer_path)
     family.check_vocabulary(tokenizer, config, tokenizer_path, model_dir)
     data = trainer.load_data(recipe, tokenizer)
     resume_from = None

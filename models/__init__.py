@@ -29,14 +29,17 @@ def _chatglm3() -> ModelFamily:
     return family()
 
 
-def _qwen2() -> ModelFamily:
-    from .qwen2.family import family
+def _decoder(model_type: str) -> ModelFamily:
+    from .decoder.family import family
 
-    return family()
+    return family(model_type)
 
 
-# The registry: a new family is one folder under models/ plus one line here (or `register_family`).
-_FAMILIES: dict[str, Entry] = {"chatglm": Entry(_chatglm3, builders=("demo",)), "qwen2": Entry(_qwen2)}
+# The registry: a new family is one folder under models/ plus one line here (or `register_family`). Every
+# other model type is a transformers decoder (models/decoder), or refused there when transformers has none.
+_FAMILIES: dict[str, Entry] = {"chatglm": Entry(_chatglm3, builders=("demo",))}
+# The decoders run on the backends' kernels (models/decoder/entries.py ENTRIES, which a test keeps equal to this).
+DECODERS = ("llama", "qwen2", "qwen3", "glm4", "glm", "mistral", "gemma2", "gemma3_text", "qwen3_moe")
 
 
 def register_family(model_type: str, factory: Callable[[], ModelFamily], builders: tuple[str, ...] = ()) -> None:
@@ -45,7 +48,9 @@ def register_family(model_type: str, factory: Callable[[], ModelFamily], builder
 
 
 def model_types() -> list[str]:
-    return sorted(_FAMILIES)
+    """The families registered by name, then the decoders with a kernel entry (every other transformers decoder
+    trains too)."""
+    return [*sorted(_FAMILIES), *DECODERS]
 
 
 def builder_names() -> list[str]:
@@ -54,14 +59,13 @@ def builder_names() -> list[str]:
 
 
 def get_family(model_type: str) -> ModelFamily:
-    """The family registered under `model_type`.
+    """The family registered under `model_type`, else the transformers decoder family of that type.
 
     Raises:
-        CheckpointError: no family has that model_type.
+        CheckpointError: no family has that model_type and transformers has no causal-LM class for it.
     """
     if model_type not in _FAMILIES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; tuneport knows: "
-                              f"{', '.join(model_types())}")
+        return _decoder(model_type)
     return _FAMILIES[model_type].factory()
 
 
@@ -75,8 +79,9 @@ def family_for(folder: Path) -> ModelFamily:
     if not file.is_file():
         raise CheckpointError(f"{folder}: no config.json; pass the checkpoint folder that holds it")
     model_type = read_json(file).get("model_type")
-    if not model_type:
-        raise CheckpointError(f"{file}: has no model_type; tuneport knows: {', '.join(model_types())}")
+    if not isinstance(model_type, str) or not model_type:
+        raise CheckpointError(f"{file}: has no model_type; tuneport knows {', '.join(model_types())} and every "
+                              "other decoder transformers implements")
     return get_family(model_type)
 
 

@@ -26,6 +26,7 @@ FEATURES = {
     "serve": "chat",  # tuneport serve (its chat protocol)
     "estimate": ("model_class", "load_config"),  # tuneport estimate (from config.json alone)
     "convert": "convert",  # tuneport convert
+    "template": "templated",  # data.template: its tokenizer renders with a chat template it is given
 }
 
 
@@ -197,6 +198,7 @@ class ModelFamily:
         chat: () -> the module with its chat protocol for the server (`history_from_openai`,
             `split_reply`, `parse_tool_call`, `ChatFormatError`); optional.
         mindspore: () -> the module with the MindSpore model (`load_model`, LoRA helpers); optional.
+        templated: `load_tokenizer` also takes `template`, a chat template file (.jinja) to render with.
     """
 
     model_type: str
@@ -222,6 +224,7 @@ class ModelFamily:
     model_class: Optional[Callable[[Any], Any]] = None
     load_config: Optional[Callable[..., Any]] = None
     mindspore: Optional[Callable[[], Any]] = None
+    templated: bool = False
 
     @property
     def supports(self) -> frozenset[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from tuneport.backends import get_backend
@@ -137,8 +138,8 @@ def test_methods_table_counts_what_peft_counts(capsys):
     from tuneport.models.chatglm3 import ChatGLMForConditionalGeneration
     from tuneport.models.chatglm3.config import chatglm3_6b_config
 
-    assert main(["methods"]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert main(["methods", "--family", "chatglm", "--family", "llama"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert {"lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "ptuning", "prefix_tuning", "ptuning_v2",
             "full"} <= rows.keys()
     assert "mindspore" in rows["ia3"] and "mindspore" not in rows["adalora"]
@@ -149,12 +150,19 @@ def test_methods_table_counts_what_peft_counts(capsys):
         assert chatglm(rows[method]) == trainable, method
     assert chatglm(rows["qlora"]) == chatglm(rows["lora"])
     assert chatglm(rows["prefix_tuning"]) == 20 * 28 * 2 * 256  # tokens x layers x (k, v) x kv width
-    assert rows["ptuning_v2"].split()[-1] == "-"  # ChatGLM's own prefix encoder: no Qwen2 count
+    assert rows["ptuning_v2"].split()[-1] == "-"  # ChatGLM's own prefix encoder: no Llama count
+    # Llama-3.1-8B (meta-llama/Llama-3.1-8B-Instruct's config.json) with LoRA r8 on every projection
+    values = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8)
+    with torch.device("meta"):
+        llama = peft.get_peft_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(**values)), peft.LoraConfig(
+            r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert int(rows["lora"].split()[-1].replace(",", "")) == llama.get_nb_trainable_parameters()[0] == 20_971_520
 
 
 def test_methods_table_on_a_folder_and_bad_schedules(golden, capsys, tmp_path):
     assert main(["methods", "--model", str(golden / "checkpoint")]) == 0
-    assert "trainable on checkpoint" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "checkpoint"
     # AdaLoRA's budget needs the run's length: epochs alone, or a tinit past the end, are refused up front.
     assert main(["train", DEMO, "method.name=adalora", "train.max_steps=null", "train.epochs=1"]) == 2
     assert "give train.max_steps" in capsys.readouterr().err

@@ -154,7 +154,6 @@ REGISTRIES = {
     "backends/__init__.py": "the device registry: a backend's module loads when the device is asked for",
     "models/__init__.py": "the model family registry: a family's module loads when its model_type is asked for",
     "models/chatglm3/family.py": "ChatGLM3's registry entry: its parts load when the family is built",
-    "models/qwen2/family.py": "Qwen2's registry entry: its parts load when the family is built",
     "models/chatglm3/__init__.py": "the family's lazy exports (its MindSpore model runs without torch)",
     "core/entry.py": "the console script: its start-up signal guard is installed before anything is imported",
 }
