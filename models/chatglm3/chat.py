@@ -14,23 +14,11 @@ import ast
 import json
 from typing import Optional
 
+from ..chat_protocol import ChatFormatError, message_text
+
 ROLE_MAP = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
             "function": "observation"}
 QUERY_ROLES = ("user", "observation")
-
-
-class ChatFormatError(ValueError):
-    """A request the model cannot take; the message names the field and the fix (the server's 400)."""
-
-
-def _text(content, where: str) -> str:
-    """OpenAI content: a string, null, or a list of {"type": "text", "text": ...} parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ChatFormatError(f"{where}.content: expected a string or a list of text parts; this model reads text only")
 
 
 def tool_call_text(arguments: dict) -> str:
@@ -93,7 +81,7 @@ def history_from_openai(messages, tools=None) -> tuple[list[dict], str, str]:
         if role == "assistant" and message.get("tool_calls"):
             history += _tool_calls(message, where)
         else:
-            history.append({"role": role, "content": _text(message.get("content"), where)})
+            history.append({"role": role, "content": message_text(message.get("content"), where)})
     if tools:  # first, with content None: the tokenizer writes ChatGLM3's own tool prompt, as the official demo
         history.insert(0, {"role": "system", "content": None, "tools": _native_tools(tools)})
     last = history.pop()

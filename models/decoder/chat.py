@@ -28,15 +28,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..chat_protocol import ChatFormatError, message_text
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "observation", "function": "observation"}
 QUERY_ROLES = ("user", "observation")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function name
-
-
-class ChatFormatError(ValueError):
-    """A request the model cannot take; the message names the field and the fix (the server's 400)."""
 
 
 def _no_constant(name: str):
@@ -50,16 +48,6 @@ def _json_object(text: str) -> Optional[dict]:
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
-
-
-def _text(content, where: str) -> str:
-    """OpenAI content: a string, null, or a list of {"type": "text", "text": ...} parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ChatFormatError(f"{where}.content: expected a string or a list of text parts; this model reads text only")
 
 
 def _functions(tools) -> list[dict]:
@@ -103,7 +91,7 @@ def _turns(message, where: str, one_call_a_turn: bool) -> list[dict]:
     role = ROLES.get(message["role"]) if isinstance(message["role"], str) else None
     if role is None:
         raise ChatFormatError(f"{where}.role: {message['role']!r} is not one of {', '.join(ROLES)}")
-    text = _text(message.get("content"), where)
+    text = message_text(message.get("content"), where)
     if role == "assistant" and message.get("tool_calls"):
         calls = _calls(message, where)
         if not one_call_a_turn:
