@@ -230,7 +230,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_out(out)
     check_writable(out, f"--out {out}", WRITE_FIX)  # before anything is generated
     samples, fmt, records = read_dev_set(data, args.format, args.limit)
-    opened = open_model(model_dir, args.device)
+    opened = open_model(model_dir, args.device, adapter)
     tokenizer, device_name = opened.tokenizer, opened.device
     prompts, truncated = build_prompts(tokenizer, samples, args.max_input_length, data)
     if truncated:

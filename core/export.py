@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..frameworks import framework
-from ..models import CheckpointError, family_for
+from ..models import TEMPLATE_FILE, CheckpointError, family_for
 from .config import DTYPES
 from .data import file_sha256
 from .onnx_generate import MODEL_FILE, empty_cache, onnx_generate, open_session, step
@@ -36,7 +36,7 @@ FORMATS = ("safetensors", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 WRITE_FIX = "free disk space, or choose a writable --out"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
+                   TEMPLATE_FILE)
 # How the base folder's release code (its family's `release_code`) went into the export.
 RELEASE, COPIED, SKIPPED = "a published release's: copied", "copied (--copy-code)", "skipped"
 
@@ -120,6 +120,8 @@ def export(model: Path, adapter: Optional[Path], out: Path, dtype: str = "fp32",
         for name in [*TOKENIZER_FILES, *copied]:
             if (model / name).is_file():
                 shutil.copy(model / name, tmp / name)
+        if adapter is not None and (adapter / TEMPLATE_FILE).is_file():  # the template the run trained with
+            shutil.copy(adapter / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
         record = {"tool": "tuneport", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "model": str(model.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
                   "dtype": dtype, "format": fmt, **checks,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..backends import open_backend
 from ..frameworks import framework
-from ..models import ModelFamily, family_for
+from ..models import TEMPLATE_FILE, ModelFamily, family_for
 from .errors import RunError
 
 
@@ -27,8 +27,9 @@ class Opened:
     index: int
 
 
-def open_model(model: Path, device: str) -> Opened:
-    """Set up `device` (auto, cpu, cuda:1, ...), then check the checkpoint folder `model` and its tokenizer.
+def open_model(model: Path, device: str, adapter: Optional[Path] = None) -> Opened:
+    """Set up `device` (auto, cpu, cuda:1, ...), then check the checkpoint folder `model` and its tokenizer
+    (with the chat template a run trained `adapter` with, when its recipe named one: data.template).
 
     Raises:
         RunError: an unknown device.
@@ -41,7 +42,11 @@ def open_model(model: Path, device: str) -> Opened:
         raise RunError(f"--device: {e}") from None
     model = Path(model)
     family = family_for(model)
-    tokenizer = family.load_tokenizer(model)
+    template = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
+    if template is not None and template.is_file() and family.templated:
+        tokenizer = family.load_tokenizer(model, template=template)
+    else:
+        tokenizer = family.load_tokenizer(model)
     config = family.check_checkpoint(model)[0]
     family.check_vocabulary(tokenizer, config, model, model)
     return Opened(model, family, tokenizer, config, device_name, backend, index)
@@ -96,6 +101,7 @@ def load(model, adapter=None, device: str = "auto", dtype: Optional[str] = None)
     """`tuneport.load`: the base checkpoint `model` with the tuned result `adapter` (a PEFT adapter, a P-tuning
     v2 folder or a complete checkpoint) applied, on `device`, in `dtype`; the errors of `open_model` and
     `tuned_model`."""
-    opened = open_model(Path(model), device)
-    return Loaded(tuned_model(opened, Path(adapter) if adapter is not None else None, dtype), opened.tokenizer,
+    adapter = Path(adapter) if adapter is not None else None
+    opened = open_model(Path(model), device, adapter)
+    return Loaded(tuned_model(opened, adapter, dtype), opened.tokenizer,
                   opened.family, opened.device)

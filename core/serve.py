@@ -478,7 +478,7 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
         raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
     check_port(host, port)
     family_for(model).require("serve", f"tuneport serve --model {model}")
-    opened = open_model(model, device)
+    opened = open_model(model, device, adapter)
     family, tokenizer, device_name = opened.family, opened.tokenizer, opened.device
     tuned = tuned_model(opened, adapter, merge=True)  # served as it is where its method cannot merge
     context = getattr(opened.config, "max_position_embeddings", None) or limits.max_model_len

@@ -27,7 +27,7 @@ import yaml
 from safetensors import SafetensorError
 
 from . import checkpoints
-from ..models import builder_family, builder_names
+from ..models import TEMPLATE_FILE, builder_family, builder_names
 from .config import Recipe, recipe_to_dict, resolve_path
 from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
 from .errors import Diverged, RunError, Stopped
@@ -606,6 +606,8 @@ def train(
     try:
         with checkpoints.atomic_folder(output_dir / "adapter", output_dir / "adapter.tmp") as tmp:
             runtime.save_adapter(tmp, weights)
+            if recipe.data.template:  # what serve, chat and eval render this adapter's conversations with
+                shutil.copyfile(resolve_path(recipe.data.template), tmp / TEMPLATE_FILE)
     except Exception as e:
         reason = checkpoints.write_failure(e)
         if reason is None:

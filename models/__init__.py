@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import CheckpointError
-from .family import (ModelFamily, check_vocabulary_size, layout_weight_files, older_cache_name, read_json,  # noqa: F401
-                     refused_pickle)
+from .family import (TEMPLATE_FILE, ModelFamily, check_vocabulary_size, layout_weight_files,  # noqa: F401
+                     older_cache_name, read_json, refused_pickle)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ FEATURES = {
 }
 
 
+# A chat template as a file of its own (transformers' name for it in a checkpoint folder); a run trained with
+# data.template keeps it in its adapter folder, so that serving and exporting render with it.
+TEMPLATE_FILE = "chat_template.jinja"
+
+
 def _stamp(path: Path) -> tuple:
     """What tells one version of a file from the next: its path, modification time and size."""
     info = os.stat(path)

@@ -269,13 +269,17 @@ TEMPLATES = {"qwen2": "qwen2.5", "qwen3": "qwen3", "qwen3_moe": "qwen3", "llama"
              "glm": "glm4", "mistral": "mistral", "gemma2": "gemma3", "gemma3_text": "gemma3"}
 
 
-def chat_folder(folder: Path, model_type: str) -> Path:
-    """A tiny `model_type` with a byte-level BPE tokenizer and a chat template in its family's published format
-    (tests/test_templates.py writes both)."""
+def templates_module():
     spec = importlib.util.spec_from_file_location("tuneport_tests_templates", Path(__file__).parent / "test_templates.py")
-    templates = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(templates)
-    templates.write_folder(folder, TEMPLATES[model_type])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def chat_folder(folder: Path, model_type: str, template: bool = True) -> Path:
+    """A tiny `model_type` with a byte-level BPE tokenizer and a chat template in its family's published format
+    (tests/test_templates.py writes both; `template` False: none in the folder)."""
+    templates_module().write_folder(folder, TEMPLATES[model_type], template=template)
     size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + 16
     eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     torch.manual_seed(0)
@@ -395,3 +399,35 @@ def test_every_peft_method_trains_and_generates_as_the_uncached_model(method, tm
             reference_ids.append(int(runtime.model(input_ids=torch.tensor([reference_ids]), use_cache=False)
                                      .logits[0, -1].argmax()))
     assert generated == reference_ids[len(prompt):]
+
+
+def test_a_folder_without_a_template_trains_with_the_recipes_and_serves_with_it(tmp_path, capsys):
+    """No chat_template in the folder: refused in one line; `data.template` trains, the adapter keeps the template,
+    and `tuneport chat` with that adapter renders with it (without the adapter: the refusal again)."""
+    from tuneport.core.cli import main
+    from tuneport.core.loading import load
+
+    folder = chat_folder(tmp_path / "qwen2", "qwen2", template=False)
+    capsys.readouterr()  # transformers' progress bar
+    template = tmp_path / "chatml.jinja"
+    template.write_text(templates_module().FAMILIES["qwen2.5"][0])
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "Hello"},
+                                                  {"role": "assistant", "content": "Hello! How can I help?"}]}))
+    command = ["train", "builtin:qwen2_5_7b_lora.yaml", f"model={folder}", "method.target_modules=null",
+               "train.max_steps=1", "device=cpu", "precision=fp32", f"data.train={data}", "data.eval=null",
+               "data.format=conversations", "train.micro_batch_size=1", "train.grad_accum=1", "train.warmup_steps=0",
+               "train.gradient_checkpointing=false"]
+    assert main([*command, f"output_dir={tmp_path / 'refused'}"]) == 2
+    assert capsys.readouterr().err == (f"error: {folder}: has no chat_template (tokenizer_config.json or "
+                                       "chat_template.jinja); name one in the recipe: data.template: FILE.jinja\n")
+    assert not (tmp_path / "refused").exists()
+    assert main([*command, f"data.template={template}", f"output_dir={tmp_path / 'run'}"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "chat_template.jinja").read_text() == template.read_text()
+    prompt = load(folder, adapter, device="cpu").tokenizer.build_chat_input("Hello")["input_ids"][0].tolist()
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(folder, chat_template=template.read_text())
+    text = hf.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == hf(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(CheckpointError, match="has no chat_template"):
+        load(folder, device="cpu")
