@@ -239,8 +239,8 @@ def test_the_registry_names_every_entry():
     from tuneport.models import DECODERS
 
     assert DECODERS == tuple(ENTRIES)
-    assert get_family("qwen3").supports >= {"torch", "freeze", "export", "serve", "estimate", "template"}
-    assert "onnx" not in get_family("qwen3").supports and "mindspore" not in get_family("qwen3").supports
+    assert get_family("qwen3").supports >= {"torch", "freeze", "export", "onnx", "serve", "estimate", "template"}
+    assert "onnx" not in get_family("mistral").supports and "mindspore" not in get_family("qwen3").supports
 
 
 def test_export_merges_lora_into_the_familys_own_layout(folder, tmp_path):
@@ -431,3 +431,32 @@ def test_a_folder_without_a_template_trains_with_the_recipes_and_serves_with_it(
     assert prompt == hf(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(CheckpointError, match="has no chat_template"):
         load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "glm4"])
+def test_onnx_export_generates_as_torch(model_type, tmp_path):
+    """`tuneport export --format onnx` for a decoder that exports with its cache (rotate-half and GLM's
+    interleaved rotary): onnxruntime's logits equal torch's at real positions of a left-padded prompt and a
+    cached step (export.json), and `onnx_generate` decodes what transformers' greedy generate does."""
+    pytest.importorskip("onnxruntime")
+    from tuneport.core.export import export
+    from tuneport.core.onnx_generate import onnx_generate
+
+    folder = write_model(tmp_path / model_type, model_type)
+    record = export(folder, None, tmp_path / "onnx", fmt="onnx")
+    assert record["onnx_max_abs_diff"] < 1e-4
+    ids = batch(10, rows=1, length=6)
+    expected = reference(folder).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert onnx_generate(tmp_path / "onnx", ids.tolist(), 6).tolist() == expected.tolist()
+
+
+def test_onnx_export_is_refused_where_the_cache_does_not_trace(tmp_path):
+    from tuneport.core.errors import Unsupported
+    from tuneport.core.export import export
+
+    folder = write_model(tmp_path / "mistral", "mistral")
+    with pytest.raises(Unsupported) as e:
+        export(folder, None, tmp_path / "onnx", fmt="onnx")
+    assert str(e.value).startswith(f"tuneport export --model {folder} --format onnx: mistral models do not support "
+                                   "onnx; they support ")
+    assert not (tmp_path / "onnx").exists()

@@ -15,25 +15,14 @@ query sees every key (its output is never sampled from).
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..onnx_export import export_step
 from .files import official_config
 from .model import ChatGLMForConditionalGeneration
-
-OPSET = 18
-
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """The graph's input and output names, in order."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
-
 
 class _StepCache:
     """Enough of a transformers `Cache` for `SelfAttention`: extends each layer's past and keeps the result."""
@@ -90,32 +79,11 @@ def export_onnx(model: ChatGLMForConditionalGeneration, path: Path) -> None:
     """Write `model` (merged, on the CPU) as the ONNX file `path`, its weights beside it in `path`.data,
     and config.json with the official keys in the same folder.
 
-    The exporter traces example inputs (batch 2, past 3, seq 5); batch, seq and past are dynamic axes.
+    The exporter traces batch 2, past 3 and seq 5; all three are dynamic axes.
     """
     model.eval()
     config = model.config
-    step = OnnxStep(model).eval()
-    batch, past_len, seq = 2, 3, 5
-    kv_shape = (batch, config.kv_heads, past_len, config.kv_channels)
     dtype = model.transformer.output_layer.weight.dtype
-    past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * config.num_layers)]
-    args = (torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past_len + seq, dtype=torch.long),
-            torch.arange(past_len, past_len + seq).expand(batch, seq), *past)
-    inputs, outputs = io_names(config.num_layers)
-    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    # The mask's length is past + seq; *past is one tuple to the exporter.
-    shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple([{0: b, 2: p}] * len(past)))
-    # The exporter logs every pass it runs and warns about torchvision; the result is checked instead.
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(step, args, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=True, optimize=True, verbose=False)
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    past = [torch.zeros(2, config.kv_heads, 3, config.kv_channels, dtype=dtype) for _ in range(2 * config.num_layers)]
+    export_step(OnnxStep(model).eval(), past, path)
     (path.parent / "config.json").write_text(json.dumps(official_config(config, str(dtype).replace("torch.", "")), indent=2))

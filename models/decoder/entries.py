@@ -43,6 +43,8 @@ class Entry:
             projections of attention and MLP).
         ia3_targets, ia3_feedforward: IA3's layers, and those of them scaled on their input (peft's defaults).
         tool_calls: how its chat template writes a tool call, for `tuneport serve` ("" for none).
+        onnx: `tuneport export --format onnx` traces it with its cache (not sliding-window caches, nor routed
+            experts).
         reference: (name, config.json values) of one released size.
         not_trained: what the default targets leave out, said when a run starts ("" for nothing).
     """
@@ -58,6 +60,7 @@ class Entry:
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
     tool_calls: str = ""
+    onnx: bool = True
     not_trained: str = ""
 
 
@@ -140,13 +143,14 @@ ENTRIES: dict[str, Entry] = {
                   ("glm-4-9b-chat-hf", _glm_4_9b_chat), rotary=rotate_pairs, tool_calls="glm4",
                   lora_targets=GLM_PROJECTIONS),
     "mistral": _entry(M := modeling_mistral, M.MistralForCausalLM, M.MistralRMSNorm, M.MistralAttention,
-                      ("Mistral-7B-v0.3", _mistral_7b), rotary=rotate_half),
+                      ("Mistral-7B-v0.3", _mistral_7b), rotary=rotate_half, onnx=False),
     "gemma2": _entry(E2 := modeling_gemma2, E2.Gemma2ForCausalLM, E2.Gemma2RMSNorm, E2.Gemma2Attention,
-                     ("gemma-2-9b", _gemma2_9b), rotary=rotate_half, norm_plus_one=True),
+                     ("gemma-2-9b", _gemma2_9b), rotary=rotate_half, norm_plus_one=True, onnx=False),
     "gemma3_text": _entry(E3 := modeling_gemma3, E3.Gemma3ForCausalLM, E3.Gemma3RMSNorm, E3.Gemma3Attention,
-                          ("gemma-3-1b", _gemma3_1b), rotary=rotate_half, norm_plus_one=True),
+                          ("gemma-3-1b", _gemma3_1b), rotary=rotate_half, norm_plus_one=True,
+                          onnx=False),
     "qwen3_moe": _entry(QM := modeling_qwen3_moe, QM.Qwen3MoeForCausalLM, QM.Qwen3MoeRMSNorm, QM.Qwen3MoeAttention,
-                        ("Qwen3-30B-A3B", _qwen3_30b_a3b), rotary=rotate_half, tool_calls="qwen",
+                        ("Qwen3-30B-A3B", _qwen3_30b_a3b), rotary=rotate_half, tool_calls="qwen", onnx=False,
                         # peft (0.21) reads gate_proj, up_proj and down_proj on a Qwen3-MoE as the experts' names of
                         # transformers 4 and retargets them to the fused expert tensors: the attention's alone
                         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),

@@ -78,6 +78,9 @@ def family(model_type: str) -> ModelFamily:
         model_class=build,
         load_config=load_config,
         save_official=save_pretrained,
+        # imports torch.onnx, which is slow: only when exporting to ONNX
+        export_onnx=(lambda model, path: import_module(".onnx", __package__).export_onnx(model, path))
+        if entry and entry.onnx else None,
         chat=lambda: import_module(".chat", __package__).protocol(entry.tool_calls if entry else ""),
         templated=True,
         reference=(entry.reference[0], lambda: reference_config(model_type)) if entry else None,
