@@ -460,3 +460,25 @@ def test_onnx_export_is_refused_where_the_cache_does_not_trace(tmp_path):
     assert str(e.value).startswith(f"tuneport export --model {folder} --format onnx: mistral models do not support "
                                    "onnx; they support ")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "glm4", "qwen3_moe"])
+def test_estimate_builds_the_release_from_config_json_on_the_meta_device(model_type, tmp_path):
+    """`tuneport estimate` for a released size (config.json alone): its weights are transformers' own count of
+    the model's parameters in bf16 plus the LoRA factors in fp32 (peft's count on the meta device) and its buffers."""
+    from tuneport.core.config import load_recipe
+    from tuneport.frameworks.torch.estimate import ADAM_STATES, estimate
+    from tuneport.models.decoder.checkpoint import reference_config
+
+    config = reference_config(model_type)
+    config.save_pretrained(tmp_path)
+    recipe = load_recipe("builtin:qwen2_5_7b_lora.yaml", (f"model={tmp_path}", "method.target_modules=null",
+                                                          "method.r=8", "precision=bf16"))
+    with torch.device("meta"):
+        model = get_peft_model(ENTRIES[model_type].model(config), LoraConfig(
+            r=8, target_modules=list(ENTRIES[model_type].lora_targets)))
+    trained, total = model.get_nb_trainable_parameters()
+    buffers = sum(b.numel() * 2 for b in model.buffers())  # the rotary's inverse frequencies, built in bf16
+    got = estimate(recipe, "cuda", runtime=0)
+    assert got.weights == (total - trained) * 2 + trained * 4 + buffers
+    assert got.activations > 0 and got.gradients == trained * 4 and got.optimizer >= trained * 4 * ADAM_STATES

@@ -211,7 +211,12 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     model = _meta_model(family, config, recipe.method, compute, checkpointing)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_sample = _saved_bytes(model, seq)
+    try:
+        per_sample = _saved_bytes(model, seq)
+    except RuntimeError as e:  # a forward that cannot run on shapes alone in this dtype (MoE grouped matmuls in fp32)
+        raise RunError(f"tuneport estimate: {config.model_type}'s forward does not run on the meta device in "
+                       f"{str(compute).replace('torch.', '')} ({str(e).splitlines()[0]}); estimate the precision "
+                       "it trains in on an accelerator: precision=bf16") from None
     if checkpointing:  # backward recomputes one layer at a time and holds its activations meanwhile
         per_sample += _saved_bytes(_meta_model(family, config, recipe.method, compute, False), seq) // \
             config.num_hidden_layers
