@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from transformers.models.gemma2 import modeling_gemma2
-from transformers.models.gemma3 import modeling_gemma3
-from transformers.models.glm import modeling_glm
-from transformers.models.glm4 import modeling_glm4
-from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
-from transformers.models.qwen2 import modeling_qwen2
-from transformers.models.qwen3 import modeling_qwen3
-from transformers.models.qwen3_moe import modeling_qwen3_moe
+from transformers.models.gemma2 import modeling_gemma2 as gemma2
+from transformers.models.gemma3 import modeling_gemma3 as gemma3
+from transformers.models.glm import modeling_glm as glm
+from transformers.models.glm4 import modeling_glm4 as glm4
+from transformers.models.llama import modeling_llama as llama
+from transformers.models.mistral import modeling_mistral as mistral
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3_moe
 
 from .model import rotate_half, rotate_pairs
 
@@ -131,25 +131,25 @@ QWEN_IA3 = ("q_proj", "v_proj", "down_proj")  # peft's defaults for Qwen2 and Qw
 # model_type -> Entry. The tool-call forms are those of each release's chat_template (Qwen's <tool_call> JSON,
 # Llama 3.1's JSON call, GLM-4's name line and JSON arguments).
 ENTRIES: dict[str, Entry] = {
-    "llama": _entry(L := modeling_llama, L.LlamaForCausalLM, L.LlamaRMSNorm, L.LlamaAttention,
+    "llama": _entry(llama, llama.LlamaForCausalLM, llama.LlamaRMSNorm, llama.LlamaAttention,
                     ("Llama-3.1-8B", _llama3_8b), rotary=rotate_half, tool_calls="llama3"),
-    "qwen2": _entry(Q2 := modeling_qwen2, Q2.Qwen2ForCausalLM, Q2.Qwen2RMSNorm, Q2.Qwen2Attention,
+    "qwen2": _entry(qwen2, qwen2.Qwen2ForCausalLM, qwen2.Qwen2RMSNorm, qwen2.Qwen2Attention,
                     ("Qwen2.5-7B", _qwen2_5_7b), rotary=rotate_half, tool_calls="qwen", ia3_targets=QWEN_IA3),
-    "qwen3": _entry(Q3 := modeling_qwen3, Q3.Qwen3ForCausalLM, Q3.Qwen3RMSNorm, Q3.Qwen3Attention,
+    "qwen3": _entry(qwen3, qwen3.Qwen3ForCausalLM, qwen3.Qwen3RMSNorm, qwen3.Qwen3Attention,
                     ("Qwen3-8B", _qwen3_8b), rotary=rotate_half, tool_calls="qwen", ia3_targets=QWEN_IA3),
-    "glm4": _entry(G4 := modeling_glm4, G4.Glm4ForCausalLM, G4.Glm4RMSNorm, G4.Glm4Attention,
+    "glm4": _entry(glm4, glm4.Glm4ForCausalLM, glm4.Glm4RMSNorm, glm4.Glm4Attention,
                    ("GLM-4-9B-0414", _glm4_9b), rotary=rotate_pairs, tool_calls="glm4", lora_targets=GLM_PROJECTIONS),
-    "glm": _entry(G := modeling_glm, G.GlmForCausalLM, G.GlmRMSNorm, G.GlmAttention,
+    "glm": _entry(glm, glm.GlmForCausalLM, glm.GlmRMSNorm, glm.GlmAttention,
                   ("glm-4-9b-chat-hf", _glm_4_9b_chat), rotary=rotate_pairs, tool_calls="glm4",
                   lora_targets=GLM_PROJECTIONS),
-    "mistral": _entry(M := modeling_mistral, M.MistralForCausalLM, M.MistralRMSNorm, M.MistralAttention,
+    "mistral": _entry(mistral, mistral.MistralForCausalLM, mistral.MistralRMSNorm, mistral.MistralAttention,
                       ("Mistral-7B-v0.3", _mistral_7b), rotary=rotate_half, onnx=False),
-    "gemma2": _entry(E2 := modeling_gemma2, E2.Gemma2ForCausalLM, E2.Gemma2RMSNorm, E2.Gemma2Attention,
+    "gemma2": _entry(gemma2, gemma2.Gemma2ForCausalLM, gemma2.Gemma2RMSNorm, gemma2.Gemma2Attention,
                      ("gemma-2-9b", _gemma2_9b), rotary=rotate_half, norm_plus_one=True, onnx=False),
-    "gemma3_text": _entry(E3 := modeling_gemma3, E3.Gemma3ForCausalLM, E3.Gemma3RMSNorm, E3.Gemma3Attention,
-                          ("gemma-3-1b", _gemma3_1b), rotary=rotate_half, norm_plus_one=True,
-                          onnx=False),
-    "qwen3_moe": _entry(QM := modeling_qwen3_moe, QM.Qwen3MoeForCausalLM, QM.Qwen3MoeRMSNorm, QM.Qwen3MoeAttention,
+    "gemma3_text": _entry(gemma3, gemma3.Gemma3ForCausalLM, gemma3.Gemma3RMSNorm, gemma3.Gemma3Attention,
+                          ("gemma-3-1b", _gemma3_1b), rotary=rotate_half, norm_plus_one=True, onnx=False),
+    "qwen3_moe": _entry(qwen3_moe, qwen3_moe.Qwen3MoeForCausalLM, qwen3_moe.Qwen3MoeRMSNorm,
+                        qwen3_moe.Qwen3MoeAttention,
                         ("Qwen3-30B-A3B", _qwen3_30b_a3b), rotary=rotate_half, tool_calls="qwen", onnx=False,
                         # peft (0.21) reads gate_proj, up_proj and down_proj on a Qwen3-MoE as the experts' names of
                         # transformers 4 and retargets them to the fused expert tensors: the attention's alone
