@@ -23,7 +23,6 @@ from .reference import REFERENCE_KERNELS, causal_mask, lean_swiglu
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-OWN_MAPPING = 2**20  # blocks of this size and more get their own mapping, returned to the system when freed
 
 
 def sdpa_attention(
@@ -50,12 +49,16 @@ def sdpa_attention(
 
 def set_mmap_threshold(size: int) -> bool:
     """Have glibc give every block of `size` bytes or more its own memory mapping; False where the C
-    library is not glibc (nothing changes there).
+    library is not glibc (nothing changes there). For measurements of resident memory (tests, benches):
+    tuneport itself leaves glibc's setting alone.
 
     glibc's default threshold moves: each mapped block freed raises it to that block's size (up to 32 MiB),
     so from the first training step on, activations come from the heap, and the holes they leave when
-    freed stay resident: 100-150 MiB of a 1.3 GB step on the 'small' bench model. A fixed threshold stops
-    that, for a few percent of speed (fresh pages for each large tensor).
+    freed stay resident. A fixed threshold makes resident memory follow what is allocated, but fresh pages
+    for each large tensor cost speed: on the 'small' bench model (bench/train_throughput.py --malloc, 3 rounds
+    each, 2026-12-03), 1 MiB gave 222.7 tokens/s and 1,108 MiB against glibc's own 241.6 tokens/s and
+    1,204 MiB; 4 MiB 217.3 and 1,154; 32 MiB 245.8 and 1,201; malloc_trim after every step 243.5 and 1,196.
+    No setting saved memory for less than 2% of speed, so none is made.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's C library
@@ -98,9 +101,7 @@ class CPUBackend:
         )
 
     def setup(self) -> None:
-        if set_mmap_threshold(OWN_MAPPING):
-            log.info("cpu setup: tensors of %d MiB and more get their own memory mapping (freed ones go back "
-                     "to the system)", OWN_MAPPING >> 20)
+        pass  # nothing to set: glibc's own allocator settings measured fastest (see set_mmap_threshold)
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")

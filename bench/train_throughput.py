@@ -92,6 +92,25 @@ def tuneport_checkpointing(args):
     return args.checkpointing if choice is None else {"on": True, "off": False, "auto": "auto"}[choice]
 
 
+MALLOC = ("setup", "mmap-1m", "mmap-4m", "mmap-32m", "trim")
+
+
+def malloc_setting(choice: str, backend):
+    """The C allocator's setting for the tuneport run: "setup" as `tuneport train` has it (the backend's setup:
+    glibc's own moving mmap threshold); "mmap-1m" (tuneport's setting before 2026-12-03), "mmap-4m", "mmap-32m"
+    a threshold fixed at that size; "trim" glibc's own with malloc_trim(0) after every step. Returns malloc_trim
+    when it is to run after each step."""
+    import ctypes
+
+    from tuneport.backends.cpu import set_mmap_threshold
+
+    if choice == "setup":
+        backend.setup()  # as `tuneport train` does
+    elif choice.startswith("mmap-"):
+        set_mmap_threshold(int(choice[5:-1]) << 20)
+    return ctypes.CDLL(None).malloc_trim if choice == "trim" else None
+
+
 def run_tuneport(folder: Path, args) -> dict:
     from tuneport.backends import get_backend
     from tuneport.frameworks.torch.runtime import TorchRuntime
@@ -107,7 +126,7 @@ def run_tuneport(folder: Path, args) -> dict:
                           "data": {"train": str(DATA / "train.json"), "format": "advertisegen"},
                           "precision": args.precision, "device": args.device})
     backend = get_backend(args.device)
-    backend.setup()  # as `tuneport train` does
+    trim = malloc_setting(args.malloc, backend)
     precision = resolve_precision(args.precision, args.device, backend.capabilities)
     runtime = TorchRuntime(recipe, backend, precision, folder)
     train = batches(folder, args.batch, args.steps, grouped=not args.same_batches)
@@ -117,6 +136,8 @@ def run_tuneport(folder: Path, args) -> dict:
         losses.append(runtime.forward_backward(batch, label_tokens(batch)))
         runtime.optimizer_step(LR, 1.0)
         backend.synchronize()
+        if trim:
+            trim(0)
         times.append(time.perf_counter() - start)
     total, count = 0.0, 0
     for batch in batches(folder, args.batch, args.eval_batches, "dev"):
@@ -221,6 +242,9 @@ def main() -> None:
     p.add_argument("--same-batches", action="store_true",
                    help="tuneport trains on the HF path's batches (file order, no length grouping), so per-step "
                         "losses compare; by default it takes them as `tuneport train` does (shuffled, grouped by length)")
+    p.add_argument("--malloc", choices=MALLOC, default="setup",
+                   help="the CPU allocator setting of the tuneport run (default: the backend's setup, as `tuneport "
+                        "train`); the others measure alternatives")
     p.add_argument("--worker", choices=("tuneport", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -254,7 +278,8 @@ def main() -> None:
     rate = medians["tuneport"][0] / medians["hf"][0]
     memory = medians["tuneport"][1] / medians["hf"][1]
     print(f"size {args.size}, {args.device}, {args.precision}, batch {args.batch}, checkpointing "
-          f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), {args.steps} steps x {args.rounds} rounds; {same}")
+          f"{args.checkpointing} (tuneport: {tuneport_checkpointing(args)}), malloc {args.malloc}, {args.steps} steps x "
+          f"{args.rounds} rounds; {same}")
     print("medians: " + "; ".join(f"{path} {r:.1f} tokens/s, {m:.0f} MiB" for path, (r, m) in medians.items())
           + f" (ratios {rate:.3f}, {memory:.3f})")
     print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "

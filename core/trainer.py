@@ -561,8 +561,9 @@ def train(
             while step < steps:
                 started = time.perf_counter()
                 batches = [next(stream) for _ in range(t.grad_accum)]
-                num_items, tokens = dist.all_sum([sum(label_tokens(b) for b in batches),
-                                                  sum(int(b["attention_mask"].sum()) for b in batches)])
+                num_items, tokens, positions = dist.all_sum([sum(label_tokens(b) for b in batches),
+                                                             sum(int(b["attention_mask"].sum()) for b in batches),
+                                                             sum(b["attention_mask"].size for b in batches)])
                 lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
                 loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
                            for i, b in enumerate(batches))
@@ -575,14 +576,16 @@ def train(
                 check_finite(step, loss, grad_norm, runtime, recipe, ckpt_root)
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+                          # real (not padding) tokens, their rate, and the share of the batches' positions padded
+                          "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "padding": 1 - tokens / positions,
                           "peak_memory": runtime.memory_stats().peak}
                 if (data.eval or data.general) and ((recipe.eval.every and step % recipe.eval.every == 0)
                                                     or step == steps):
                     record.update(evaluations(runtime, data, recipe, tokenizer))
                 if metrics:
                     metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                pad=f"{record['padding']:.0%}")
                 bar.update(1)
                 if on_step:
                     on_step(record)

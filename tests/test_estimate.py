@@ -3,8 +3,8 @@ steps with tuneport's runtime in its own process, whose peak resident memory is 
 
 The peak is the process's high-water mark of resident memory from just before the estimate (Linux's
 VmHWM, reset through /proc/self/clear_refs). glibc keeps freed blocks below its mmap threshold, which
-makes RSS overstate what a process holds; the workers set M_MMAP_THRESHOLD so that RSS follows their
-allocations.
+makes RSS overstate what a process holds; the workers fix M_MMAP_THRESHOLD at 1 MiB so that RSS follows
+their allocations (tuneport itself leaves glibc's setting alone, which measured faster).
 """
 
 import json
@@ -31,7 +31,9 @@ from tuneport.frameworks.torch.runtime import TorchRuntime
 from tuneport.core.config import load_recipe
 from tuneport.frameworks.torch.estimate import estimate
 from tuneport.core.precision import resolve_precision
+from tuneport.backends.cpu import set_mmap_threshold
 
+set_mmap_threshold(1 << 20)  # resident memory follows what is allocated (see the module docstring)
 recipe = load_recipe(json.loads(sys.argv[1]))
 with open("/proc/self/clear_refs", "w") as f:  # the peak starts here, not at an import's passing spike
     f.write("5")
@@ -150,6 +152,7 @@ from tuneport.core.distributed import init_distributed
 from tuneport.core.precision import resolve_precision
 from tuneport.frameworks.torch.estimate import estimate
 from tuneport.frameworks.torch.runtime import TorchRuntime
+from tuneport.backends.cpu import set_mmap_threshold
 
 values, strategy = json.loads(sys.argv[1]), sys.argv[2]
 if strategy.startswith("zero"):
@@ -160,6 +163,7 @@ else:
 recipe = load_recipe(values)
 backend = get_backend("cpu")
 backend.setup()
+set_mmap_threshold(1 << 20)  # resident memory follows what is allocated (see the module docstring)
 dist = init_distributed("gloo", backend.device, process_group_alone=True)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")

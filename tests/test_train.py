@@ -130,7 +130,8 @@ def test_run_records(tmp_path):
                  "eval.every=2", "eval.max_batches=1") == 0
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory"} <= records[0].keys()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "padding", "peak_memory"} <= records[0].keys()
+    assert all(0 <= r["padding"] < 1 for r in records) and any(r["padding"] > 0 for r in records)
     assert "eval_loss" in records[1] and "eval_loss" not in records[0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last 1
     run = json.loads((out / "run.json").read_text())
