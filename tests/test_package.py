@@ -62,10 +62,11 @@ def test_normal_output_carries_no_third_party_warning(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     estimate = ["estimate", str(repo / "recipes" / "chatglm3_6b_lora.yaml"),
                 f"model={repo / 'tests' / 'golden' / 'chatglm3' / 'checkpoint'}"]
-    for args in (["methods"], estimate, ["demo", f"output_dir={tmp_path / 'demo'}", "train.max_steps=3"]):
+    methods = ["methods", "--family", "chatglm", "--family", "qwen3"]  # a family of each kind (all ten take 45 s)
+    for args in (methods, estimate, ["demo", f"output_dir={tmp_path / 'demo'}", "train.max_steps=3"]):
         result = tuneport(tmp_path, *args)
         assert result.returncode == 0, result.stderr
         noisy = [line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "warnings.warn" in line]
         assert noisy == [], args
-    verbose = tuneport(tmp_path, "methods", "--verbose")
+    verbose = tuneport(tmp_path, *methods, "--verbose")
     assert verbose.returncode == 0 and "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose.stderr
