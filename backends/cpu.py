@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import logging
 import os
 import resource
 import sys
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 from .base import Capabilities, MemoryStats
 from .reference import REFERENCE_KERNELS, causal_mask, lean_swiglu
 
-log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
