@@ -129,6 +129,17 @@ class AttentionFn(Protocol):
         """
 
 
+class PackedAttentionFn(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Causal attention within the samples packed into each row (no query sees another sample's keys).
+
+        q is [batch, heads, seq, dim]; k and v are [batch, kv_heads, seq, dim] (grouped KV heads, as
+        `attention`). The rows laid end to end are cut into samples at `cu_seqlens`: int32, [samples + 1],
+        0 first and batch * seq last, every row's end among them (a row's padding is a sample of its own).
+        A query sees the keys of its own sample up to itself. Scale, softmax and result as `attention`.
+        """
+
+
 class SwigluFn(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """silu(first half of the last dim) * second half."""
@@ -138,8 +149,8 @@ class SwigluFn(Protocol):
 class Kernels:
     """The model's device-sensitive math. `backends/reference.py` holds the eager reference of each.
 
-    `rotary_half` (for the transformers-native families) may be left out (None): the model then runs the
-    reference's.
+    `rotary_half` (for the transformers-native families) and `packed_attention` (for packed rows, `data.packing`)
+    may be left out (None): the model then runs the reference's.
     """
 
     rms_norm: RmsNormFn
@@ -147,6 +158,7 @@ class Kernels:
     attention: AttentionFn
     swiglu: SwigluFn
     rotary_half: Optional[RotaryHalfFn] = None
+    packed_attention: Optional[PackedAttentionFn] = None
 
 
 class Backend(Protocol):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Capabilities, MemoryStats
-from .reference import REFERENCE_KERNELS, causal_mask, lean_swiglu
+from .reference import REFERENCE_KERNELS, causal_mask, lean_swiglu, packed_mask
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -43,6 +43,11 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
     )
+
+
+def sdpa_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Attention within packed samples through SDPA with the block-diagonal causal mask."""
+    return sdpa_attention(q, k, v, mask=packed_mask(cu_seqlens, q.shape[0], q.shape[2], q.device), causal=True)
 
 
 def set_mmap_threshold(size: int) -> bool:
@@ -81,7 +86,8 @@ class CPUBackend:
     """Process memory stands in for device memory: resident set size, and its high-water mark."""
 
     name = "cpu"
-    kernels = replace(REFERENCE_KERNELS, attention=sdpa_attention, swiglu=lean_swiglu)
+    kernels = replace(REFERENCE_KERNELS, attention=sdpa_attention, swiglu=lean_swiglu,
+                      packed_attention=sdpa_packed_attention)
 
     @property
     def capabilities(self) -> Capabilities:

@@ -1,6 +1,8 @@
 """The CUDA backend: torch.cuda memory and seeding, bf16 autocast where the card has it (else fp16 with
 GradScaler), attention through scaled_dot_product_attention (flash / memory-efficient kernels, grouped
-KV heads, padding masks), torch's fused RMSNorm, and nccl."""
+KV heads, padding masks), torch's fused RMSNorm, and nccl. Packed rows (`data.packing`) run FlashAttention's
+variable-length kernel when the `flash-attn` package is installed (the `flash` extra), else SDPA with the
+block-diagonal mask."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BackendUnavailable, Capabilities, Kernels, MemoryStats
-from .cpu import sdpa_attention
+from .cpu import sdpa_attention, sdpa_packed_attention
 from .reference import REFERENCE_KERNELS, lean_swiglu
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,30 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
+FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Attention within packed samples through `flash_attn.flash_attn_varlen_func` (the rows as one sequence
+    of tokens, [tokens, heads, dim], cut at `cu_seqlens`; grouped KV heads and causal alignment are its own),
+    in fp16 and bf16; otherwise, or without the package, SDPA with the block-diagonal mask."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not FLASH_ATTN:
+        return sdpa_packed_attention(q, k, v, cu_seqlens)
+    from flash_attn import flash_attn_varlen_func
+
+    batch, heads, seq, dim = q.shape
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # cu_seqlens arrive on the host: no device sync
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
+
+    out = flash_attn_varlen_func(tokens(q), tokens(k), tokens(v), cu, cu, longest, longest, causal=True)
+    return out.view(batch, seq, heads, dim).transpose(1, 2)
+
+
 CUDA_KERNELS = Kernels(rms_norm=fused_rms_norm, rotary=REFERENCE_KERNELS.rotary, attention=sdpa_attention,
-                       swiglu=lean_swiglu, rotary_half=REFERENCE_KERNELS.rotary_half)
+                       swiglu=lean_swiglu, rotary_half=REFERENCE_KERNELS.rotary_half, packed_attention=varlen_attention)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -14,6 +14,7 @@ Version pairing (torch, torch_npu, CANN) follows the Ascend/pytorch version tabl
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -164,7 +165,7 @@ class NPUKernels:
 
     def table(self) -> Kernels:
         return Kernels(rms_norm=self.rms_norm, rotary=self.rotary, attention=self.attention, swiglu=self.swiglu,
-                       rotary_half=self.rotary_half)
+                       rotary_half=self.rotary_half, packed_attention=self.packed_attention)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm through `torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`, using y.
@@ -300,6 +301,30 @@ class NPUKernels:
             out = torch.where(dead, mean_v.to(out.dtype), out)
         return out.to(q.dtype)
 
+    def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Attention within packed samples through `npu_fusion_attention` in its variable-length layout.
+
+        Follows https://www.hiascend.com/document/detail/zh/Pytorch/600/apiref/apilist/ptaoplist_000850.html:
+        input_layout "TND" takes the rows as one sequence of tokens, [T, N, D], cut into samples at
+        `actual_seq_qlen`/`actual_seq_kvlen`, the host-side cumulative ends (cu_seqlens without its leading 0);
+        sparse_mode 3 (rightDownCausal) makes each sample causal and takes the optimised compressed mask, the
+        2048 x 2048 upper triangle (True = masked). The same chips and shapes as `attention`; otherwise the
+        reference.
+        """
+        if not self._attention_fits(q, k, v):
+            return reference.packed_attention(q, k, v, cu_seqlens)
+        batch, heads, seq, dim = q.shape
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
+
+        ends = cu_seqlens[1:].tolist()
+        out = self._ops.npu_fusion_attention(
+            tokens(q), tokens(k), tokens(v), heads, input_layout="TND", atten_mask=_compressed_causal(q.device),
+            scale=1.0 / math.sqrt(dim), keep_prob=1.0, sparse_mode=3, actual_seq_qlen=ends, actual_seq_kvlen=ends,
+        )[0]
+        return out.view(batch, seq, heads, dim).transpose(1, 2).to(q.dtype)
+
     def _attention_fits(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         if not (self.attention_fused and q.dim() == 4 and k.dim() == 4 and k.shape == v.shape):
             return False
@@ -328,6 +353,12 @@ def _mask_4d(allowed: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: 
     per_head = allowed.shape[1] != 1
     per_batch = per_head or allowed.shape[0] != 1
     return allowed.expand(batch if per_batch else 1, heads if per_head else 1, q_len, kv_len).contiguous()
+
+
+@functools.cache
+def _compressed_causal(device: torch.device) -> torch.Tensor:
+    """npu_fusion_attention's compressed causal mask for sparse_mode 2-4: 2048 x 2048, True above the diagonal."""
+    return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
 def _yes(flag: bool) -> str:

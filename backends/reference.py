@@ -3,7 +3,8 @@
 They follow the official ChatGLM3 `modeling_chatglm.py` (THUDM/chatglm3-6b): RMSNorm in float32,
 rotary embedding on interleaved pairs of the first half of each head, grouped-query attention with a
 float32 softmax, and SwiGLU over a fused [gate, up] projection. `rotary_half` is the rotate-half form of
-transformers' `apply_rotary_pos_emb` (Llama, Qwen2).
+transformers' `apply_rotary_pos_emb` (Llama, Qwen2); `packed_attention` is `attention` with a block-diagonal
+causal mask, one block per sample packed into a row.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def attention(
     return torch.matmul(probs.to(v.dtype), v).to(q.dtype)
 
 
+def packed_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask, True where a query and a key belong to the same packed sample
+    (`cu_seqlens` as `Kernels.packed_attention` takes them); the causal triangle is left to the caller."""
+    ends = cu_seqlens[1:].to(device=device, dtype=torch.int64)
+    sample = torch.bucketize(torch.arange(batch * seq, device=device), ends, right=True).view(batch, seq)
+    return (sample[:, :, None] == sample[:, None, :]).unsqueeze(1)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return attention(q, k, v, mask=packed_mask(cu_seqlens, q.shape[0], q.shape[2], q.device), causal=True)
+
+
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -100,4 +113,4 @@ class _LeanSwiglu(torch.autograd.Function):
 
 
 REFERENCE_KERNELS = Kernels(rms_norm=rms_norm, rotary=rotary, attention=attention, swiglu=swiglu,
-                            rotary_half=rotary_half)
+                            rotary_half=rotary_half, packed_attention=packed_attention)

@@ -163,7 +163,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     cards = f", per card of {args.nproc} ({args.strategy}{' with offload' if args.offload else ''})" \
         if args.nproc > 1 or args.strategy != "ddp" else ""
     print(f"tuneport estimate: {recipe.model}, method {recipe.method.name}, {device}, precision {recipe.precision}, "
-          f"micro-batch {t.micro_batch_size}, {d.max_input_length + d.max_output_length + 1} tokens{cards}")
+          f"micro-batch {t.micro_batch_size}, {d.row_tokens} tokens{' (packed rows)' if d.packing else ''}{cards}")
     plans = {on: estimate.plan(recipe, device, checkpointing=on) for on in (False, True)}
     both = {on: p.at(t.micro_batch_size, **sharing) for on, p in plans.items()}
     print(f"{'':14s}{'checkpointing off':>20s}{'on':>12s}")

@@ -51,6 +51,19 @@ class DataConfig:
     mix_ratio: float = 0.1
     # a chat template (.jinja) for a model folder without one (transformers decoders; ChatGLM3 has its own)
     template: Optional[str] = None
+    # several samples a row, none seeing another (first-fit decreasing, seeded, exact on resume): less padding
+    packing: bool = False
+    pack_length: Optional[int] = None  # tokens a packed row holds; null: max_input + max_output + 1
+
+    @property
+    def longest_sample(self) -> int:
+        """The most tokens a sample keeps (the official demo's cut)."""
+        return self.max_input_length + self.max_output_length + 1
+
+    @property
+    def row_tokens(self) -> int:
+        """The tokens of the longest row a micro-batch holds: a packed row, or the longest sample."""
+        return (self.pack_length or self.longest_sample) if self.packing else self.longest_sample
 
 
 @dataclass
@@ -289,10 +302,23 @@ def _check_values(r: Recipe) -> list[str]:
     if r.eval.generate and not r.data.eval:
         found.append("eval.generate: true needs data.eval, the file whose replies are generated and scored")
     positive("eval.generate_samples", r.eval.generate_samples)
+    found += _packing_problems(r)
     if not 0 <= r.data.mix_ratio < 1:
         found.append(f"data.mix_ratio: {r.data.mix_ratio!r} must be in [0, 1): the share of each batch from data.mix")
     if not 0 <= r.train.seed < 2**32:
         found.append(f"train.seed: {r.train.seed!r} must be in [0, 2**32 - 1]")
+    return found
+
+
+def _packing_problems(r: Recipe) -> list[str]:
+    """data.packing against the row length and the method."""
+    d, found = r.data, []
+    if d.pack_length is not None and d.pack_length < d.longest_sample:
+        found.append(f"data.pack_length: {d.pack_length!r} is shorter than a sample may be (max_input_length + "
+                     f"max_output_length + 1 = {d.longest_sample}); raise it or lower those lengths")
+    if d.packing and getattr(r.method, "virtual_tokens", False):
+        found.append(f"data.packing: method {r.method.name} puts its virtual tokens before each sample, which "
+                     "packed rows of several samples cannot hold; set data.packing: false or use another method")
     return found
 
 

@@ -483,6 +483,80 @@ def collate(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of packed rows: each row's samples end to end, right-padded to the longest row.
+
+    Every sample keeps its own positions (from 0) and its first label is -100: alone, nothing predicts a
+    sample's first token, and in a row the previous sample's last token must not. `cu_seq_lens` cuts the
+    rows, laid end to end, into their samples and each row's padding (a sample of its own), as
+    `Kernels.packed_attention` takes them; the models then attend within samples only.
+
+    Args:
+        rows: per row, its (input_ids, labels) samples.
+        pad_id: the id padding input_ids.
+
+    Returns:
+        int64 arrays [rows, longest]: `input_ids`, `labels`, `attention_mask` (1 on tokens, 0 at padding: for
+        counting, the models do not read it here) and `position_ids`; and `cu_seq_lens`, int32 [pieces + 1].
+    """
+    import numpy as np
+
+    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    batch = collate([(sum((ids for ids, _ in row), []), sum(([IGNORE_INDEX] + labels[1:] for _, labels in row), []))
+                     for row in rows], pad_id)
+    positions = np.zeros_like(batch["input_ids"])
+    cuts = [0]
+    for r, row in enumerate(rows):
+        start = r * longest
+        for ids, _ in row:
+            positions[r, cuts[-1] - start: cuts[-1] - start + len(ids)] = np.arange(len(ids))
+            cuts.append(cuts[-1] + len(ids))
+        if cuts[-1] < start + longest:  # the row's padding
+            positions[r, cuts[-1] - start:] = np.arange(start + longest - cuts[-1])
+            cuts.append(start + longest)
+    return {**batch, "position_ids": positions, "cu_seq_lens": np.asarray(cuts, dtype=np.int32)}
+
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` in rows of at most `capacity` tokens, each sample, longest
+    first (ties in their given order), in the first row with room for it.
+
+    Raises:
+        ValueError: a sample is longer than `capacity`.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > capacity:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit in a packed row of {capacity}")
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def packed_rows(num_samples: int, seed: int, epoch: int, lengths: Sequence[int], capacity: int,
+                window: int) -> list[list[int]]:
+    """The packed rows of one epoch, fixed by (seed, epoch) and the lengths alone: the shuffled samples are
+    taken `window` at a time and packed (`pack`), and the rows are shuffled.
+
+    Returns:
+        Per row, the indices of its samples.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_samples)
+    lengths = np.asarray(lengths)
+    rows = [[int(chunk[i]) for i in row] for chunk in np.split(order, range(window, num_samples, window))
+            for row in pack(lengths[chunk].tolist(), capacity)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
 GROUP_WINDOW = 32  # batches whose samples are sorted by length together
 
 

@@ -23,6 +23,7 @@ class MethodSettings:
     name: str
     spans_run: ClassVar[bool] = False  # its schedule depends on train.max_steps, which a resume cannot change
     needs: ClassVar[Optional[str]] = None  # the model family feature it needs (models/family.py FEATURES)
+    virtual_tokens: ClassVar[bool] = False  # trained tokens (or keys and values) come before each sample
 
     def problems(self) -> list[str]:
         """Problems with the method's own fields."""
@@ -90,6 +91,7 @@ class PtuningV2Config(MethodSettings):
     """P-tuning v2 (Liu et al., 2022): trained key/value prefixes in every layer (ChatGLM's prefix encoder)."""
 
     name: str = "ptuning_v2"
+    virtual_tokens: ClassVar[bool] = True
     needs: ClassVar[Optional[str]] = "ptuning_v2"  # the family's own prefix encoder
     num_virtual_tokens: int = 128  # prefix length
     prefix_projection: bool = False  # the prefix through a 2-layer MLP
@@ -203,6 +205,7 @@ class PromptTuningConfig(MethodSettings):
     """Prompt tuning (Lester et al., 2021): trained embeddings of virtual tokens before the input."""
 
     name: str = "prompt_tuning"
+    virtual_tokens: ClassVar[bool] = True
     num_virtual_tokens: int = 20
 
     def problems(self) -> list[str]:
@@ -214,6 +217,7 @@ class PtuningConfig(MethodSettings):
     """P-tuning (Liu et al., 2021): virtual token embeddings produced by a small trained encoder."""
 
     name: str = "ptuning"
+    virtual_tokens: ClassVar[bool] = True
     num_virtual_tokens: int = 20
     encoder_hidden_size: int = 128
     encoder_type: str = "MLP"  # MLP | LSTM
@@ -231,6 +235,7 @@ class PrefixTuningConfig(MethodSettings):
     attention (peft's adapter format; ChatGLM's own is `ptuning_v2`)."""
 
     name: str = "prefix_tuning"
+    virtual_tokens: ClassVar[bool] = True
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # the prefix through a 2-layer MLP
 

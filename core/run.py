@@ -151,7 +151,7 @@ def plan_inputs(recipe, resume_dir: Optional[Path], precision, changed: dict, wo
             raise RunError(f"{resume_from / checkpoints.STATE_FILE}: cannot be read ({e}); move this "
                                    "checkpoint folder away to resume from the one before it") from None
         problem = (trainer.resume_problem(state, recipe, world_size, precision, resume_from)
-                   or nothing_left(resume_dir, state["step"], trainer.total_steps(recipe, len(data.train.samples),
+                   or nothing_left(resume_dir, state["step"], trainer.total_steps(recipe, data.train,
                                                                                   world_size), recipe, changed))
         if problem:
             raise RunError(problem)

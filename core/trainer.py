@@ -8,6 +8,7 @@ The runtime (core/runtime.py: TorchRuntime or MindSporeRuntime) does the framewo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -29,7 +30,8 @@ from safetensors import SafetensorError
 from . import checkpoints
 from ..models import TEMPLATE_FILE, builder_family, builder_names
 from .config import Recipe, recipe_to_dict, resolve_path
-from .data import EncodedData, collate, encode_dataset, epoch_order, file_sha256
+from .data import GROUP_WINDOW, EncodedData, collate, collate_packed, encode_dataset, epoch_order, file_sha256, \
+    packed_rows
 from .errors import Diverged, RunError, Stopped
 from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
@@ -114,54 +116,68 @@ class Position:
 MIX_STREAM = 1  # seeds the mixing draws and the general data's order apart from the training data's
 
 
-def _take(count: int, n: int, order_of: Callable[[int], np.ndarray], pos: Position, prefix: str = "") -> list[int]:
-    """The next `count` sample indices of a stream whose epoch and offset are `pos.{prefix}epoch|offset`,
-    running on into the next epoch at an epoch's end."""
-    chosen: list[int] = []
+def _take(count: int, order_of: Callable[[int], Sequence], pos: Position, prefix: str = "") -> list:
+    """The next `count` units (sample indices, or packed rows of them) of a stream whose epoch and offset are
+    `pos.{prefix}epoch|offset`, running on into the next epoch at an epoch's end."""
+    chosen: list = []
     while len(chosen) < count:
         epoch, offset = getattr(pos, prefix + "epoch"), getattr(pos, prefix + "offset")
-        take = order_of(epoch)[offset: offset + count - len(chosen)]
-        chosen += take.tolist()
+        units = order_of(epoch)
+        take = list(units[offset: offset + count - len(chosen)])
+        chosen += take
         offset += len(take)
-        if offset >= n:
+        if offset >= len(units):
             epoch, offset = epoch + 1, 0
         setattr(pos, prefix + "epoch", epoch)
         setattr(pos, prefix + "offset", offset)
     return chosen
 
 
+def epoch_units(data: EncodedData, seed: int, group: int = 0, pack: int = 0) -> Callable[[int], Sequence]:
+    """The units a stream takes, as a function of the epoch: sample indices in a shuffled order (with `group`,
+    one whose runs of `group` samples hold similar lengths: `epoch_order`), or with `pack` (tokens a row holds)
+    rows of sample indices (`packed_rows`, packed within windows of GROUP_WINDOW * `group` samples)."""
+    n = len(data.samples)
+    lengths = [len(ids) for ids, _ in data.samples]
+    if not pack:
+        return lambda epoch: epoch_order(n, seed, epoch, lengths if group > 1 else None, group)
+    return functools.lru_cache(maxsize=2)(lambda epoch: packed_rows(n, seed, epoch, lengths, pack,
+                                                                    GROUP_WINDOW * max(group, 1)))
+
+
 def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Position,
                   rank: int = 0, world_size: int = 1, group: int = 0,
-                  mix: Optional[EncodedData] = None, mix_ratio: float = 0.0) -> Iterator[dict]:
+                  mix: Optional[EncodedData] = None, mix_ratio: float = 0.0, pack: int = 0) -> Iterator[dict]:
     """Endless stream of this process's right-padded micro-batches; advances `pos`.
 
-    Samples are taken in a per-epoch shuffled order (with `group`, one whose runs of `group` samples
-    hold similar lengths: `epoch_order`), `size * world_size` at a time (running on into the next
-    epoch at an epoch's end, so every batch is full), and process `rank` takes its slice. One process
-    with micro-batch M*W therefore sees exactly the samples W processes of M see, and with `group` the
-    samples of one optimizer step, the same samples whatever the accumulation.
+    Units, samples or with `pack` rows of packed samples (`epoch_units`), are taken in a per-epoch shuffled
+    order, `size * world_size` at a time (running on into the next epoch at an epoch's end, so every batch
+    is full), and process `rank` takes its slice. One process with micro-batch M*W therefore sees exactly the
+    units W processes of M see, and with `group` the units of one optimizer step, the same units whatever
+    the accumulation.
 
-    With `mix`, each global micro-batch draws how many of its samples come from the general data
+    With `mix`, each global micro-batch draws how many of its units come from the general data
     (binomial with probability `mix_ratio`, seeded by the run's seed and the batch's number, so a resumed
     run draws the same) and where they sit in it; the general data has its own shuffled order and position.
     """
-    n = len(data.samples)
-    lengths = [len(ids) for ids, _ in data.samples] if group > 1 else None
     total = size * world_size
+    order_of = epoch_units(data, seed, group, pack)
+    mix_order_of = epoch_units(mix, seed + MIX_STREAM, 0, pack) if mix is not None else None
     while True:
         general = 0
         if mix is not None and mix_ratio:
             rng = np.random.default_rng([seed, MIX_STREAM, pos.batches])
             general = int(rng.binomial(total, mix_ratio))
-        chosen = [data.samples[i] for i in _take(total - general, n, lambda e: epoch_order(n, seed, e, lengths, group),
-                                                 pos)]
+        chosen = [(data, unit) for unit in _take(total - general, order_of, pos)]
         if general:
-            m = len(mix.samples)
-            chosen += [mix.samples[i] for i in _take(general, m, lambda e: epoch_order(m, seed + MIX_STREAM, e),
-                                                     pos, "mix_")]
+            chosen += [(mix, unit) for unit in _take(general, mix_order_of, pos, "mix_")]
             chosen = [chosen[i] for i in rng.permutation(total)]
         pos.batches += 1
-        yield collate(chosen[rank * size: (rank + 1) * size], pad_id)
+        mine = chosen[rank * size: (rank + 1) * size]
+        if pack:
+            yield collate_packed([[source.samples[i] for i in row] for source, row in mine], pad_id)
+        else:
+            yield collate([source.samples[i] for source, i in mine], pad_id)
 
 
 # --- model folder ------------------------------------------------------------------------------------
@@ -331,12 +347,19 @@ def load_data(recipe: Recipe, tokenizer) -> Datasets:
     return data
 
 
-def total_steps(recipe: Recipe, num_samples: int, world_size: int = 1) -> int:
-    """Optimizer steps: max_steps, or enough global batches (micro x accumulation x processes) for the epochs."""
+def total_steps(recipe: Recipe, data: EncodedData, world_size: int = 1) -> int:
+    """Optimizer steps: max_steps, or enough global batches (micro x accumulation x processes) for the epochs
+    of `data` (training data's samples, or with packing its rows, as the first epoch packs them)."""
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
     per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
-    return max(1, math.ceil(recipe.train.epochs * num_samples / per_step))
+    units = len(epoch_units(data, recipe.train.seed, per_step, pack_length(recipe))(0))
+    return max(1, math.ceil(recipe.train.epochs * units / per_step))
+
+
+def pack_length(recipe: Recipe) -> int:
+    """The tokens of a packed row, or 0 without packing."""
+    return recipe.data.row_tokens if recipe.data.packing else 0
 
 
 def evaluations(runtime, data: Datasets, recipe: Recipe, tokenizer) -> dict:
@@ -539,7 +562,7 @@ def train(
     """
     t = recipe.train
     dist = runtime.dist
-    steps = total_steps(recipe, len(data.train.samples), dist.world_size)
+    steps = total_steps(recipe, data.train, dist.world_size)
     ckpt_root = output_dir / "checkpoints"
     step, pos = start or (0, Position())
     if start is None and (data.eval or data.general):
@@ -549,8 +572,8 @@ def train(
     metrics = MetricsLog(output_dir, step if start else None) if dist.is_main else None
     per_step = t.micro_batch_size * dist.world_size * t.grad_accum  # grouped by what one optimizer step takes
     stream = micro_batches(data.train, t.micro_batch_size, t.seed, tokenizer.pad_token_id, pos,
-                           dist.rank, dist.world_size, per_step if recipe.data.group_by_length else 0,
-                           data.mix, recipe.data.mix_ratio)
+                           dist.rank, dist.world_size, per_step if recipe.data.group_by_length or recipe.data.packing
+                           else 0, data.mix, recipe.data.mix_ratio, pack_length(recipe))
 
     from tqdm import tqdm
 

@@ -17,6 +17,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..backends.reference import packed_attention
+
 ATTENTION = "tuneport"
 
 # Arguments of other attention functions that change the result, which the kernels do not compute.
@@ -44,6 +46,9 @@ def attention_forward(
             a large negative number = masked, as transformers' eager masks).
         scaling: the softmax scale; the kernels use 1/sqrt(dim), so another scale is folded into query.
         dropout: must be 0 (the kernels have no attention dropout).
+        kwargs: `cu_seq_lens` for packed rows (`Kernels.packed_attention`); the packed kernel then runs unless
+            a sliding window shorter than the rows limits attention, where transformers' mask (block-diagonal
+            from the position ids, and windowed) is used.
 
     Returns:
         (output [batch, q_len, heads, dim], None): transformers' layout; attention weights are not formed.
@@ -65,6 +70,10 @@ def attention_forward(
     dim = query.shape[-1]
     if scaling is not None and scaling != dim ** -0.5:
         query = query * (scaling * math.sqrt(dim))
+    packed, window = kwargs.get("cu_seq_lens"), kwargs.get("sliding_window")
+    if packed is not None and (window is None or window >= query.shape[2]) and query.shape[2] == key.shape[2]:
+        out = (kernels.packed_attention or packed_attention)(query, key, value, packed)
+        return out.transpose(1, 2).contiguous(), None
     mask = attention_mask
     if mask is not None:
         mask = mask[..., : key.shape[2]]  # a static cache's mask may be longer than the keys so far

@@ -48,6 +48,10 @@ ids = np.random.default_rng(0).integers(0, 60000, (b, seq))
 labels = ids.copy()
 labels[:, :d.max_input_length + 1] = -100
 batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids)}
+if d.packing:  # rows of whole samples of 100 tokens, half of them labelled
+    from tuneport.core.data import collate_packed
+    sample = (list(range(1, 101)), [-100] * 50 + list(range(51, 101)))
+    batch = collate_packed([[sample] * (d.row_tokens // 100)] * b, 0)
 for _ in range(2):
     runtime.forward_backward(batch, int((labels[:, 1:] != -100).sum()))
     runtime.optimizer_step(1e-4, 1.0)
@@ -65,14 +69,16 @@ CONFIGS = [  # size, method, batch, input + output tokens, checkpointing
     ("h512", "ptuning_v2", 2, (256, 255), False),
     ("h256", "full", 2, (32, 95), False),
     ("h512", "lora", 1, (512, 511), True),
+    ("h256", "lora", 2, (64, 191), False, 1024),  # packed rows of 1024 tokens
 ]
 
 
-def recipe_for(folder, method, batch, lengths, checkpointing):
+def recipe_for(folder, method, batch, lengths, checkpointing, pack=None):
     methods = {"lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["query_key_value"]},
                "ptuning_v2": {"name": "ptuning_v2", "num_virtual_tokens": 16}, "full": {"name": "full"}}
     return {"model": str(folder), "method": methods[method], "precision": "fp32", "device": "cpu",
-            "data": {"train": "unused.jsonl", "max_input_length": lengths[0], "max_output_length": lengths[1]},
+            "data": {"train": "unused.jsonl", "max_input_length": lengths[0], "max_output_length": lengths[1],
+                     "packing": pack is not None, "pack_length": pack},
             "train": {"micro_batch_size": batch, "gradient_checkpointing": checkpointing, "max_steps": 1}}
 
 
@@ -87,16 +93,16 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-memory reset")
-@pytest.mark.parametrize("size, method, batch, lengths, checkpointing", CONFIGS)
-def test_estimate_is_near_the_measured_peak(folders, size, method, batch, lengths, checkpointing):
-    recipe = recipe_for(folders[size], method, batch, lengths, checkpointing)
+@pytest.mark.parametrize("size, method, batch, lengths, checkpointing, pack", [(*c, None)[:6] for c in CONFIGS])
+def test_estimate_is_near_the_measured_peak(folders, size, method, batch, lengths, checkpointing, pack):
+    recipe = recipe_for(folders[size], method, batch, lengths, checkpointing, pack)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(recipe)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = result["predicted"] / result["measured"]
-    print(f"\nestimate: {size} {method} batch {batch} seq {sum(lengths) + 1} checkpointing {checkpointing}: predicted "
+    print(f"\nestimate: {size} {method} batch {batch} seq {pack or sum(lengths) + 1} checkpointing {checkpointing}: predicted "
           f"{result['predicted'] / 2**20:.0f} MiB, measured {result['measured'] / 2**20:.0f} MiB, ratio {ratio:.3f}")
     assert 0.8 < ratio < 1.2  # generous: the README's table gives the measured ratios
 

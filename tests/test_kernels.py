@@ -52,6 +52,21 @@ def test_attention_padding_mask(qkv):
     torch.testing.assert_close(out, loop_attention(q, k, v, allowed))
 
 
+def packed_inputs(dim: int = 16):
+    """Two rows of 6 tokens: samples of 2 and 4 tokens, then of 3, 1 and 2 (grouped KV heads)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 4, 6, dim, generator=g), torch.randn(2, 2, 6, dim, generator=g), \
+        torch.randn(2, 2, 6, dim, generator=g)
+    return q, k, v, torch.tensor([0, 2, 6, 9, 10, 12], dtype=torch.int32)
+
+
+def test_packed_attention_attends_within_each_sample_causally():
+    q, k, v, cu = packed_inputs()
+    sample = torch.tensor([[0, 0, 1, 1, 1, 1], [2, 2, 2, 3, 4, 4]])
+    allowed = (sample[:, :, None] == sample[:, None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(ref.packed_attention(q, k, v, cu), loop_attention(q, k, v, allowed))
+
+
 def test_rms_norm():
     x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
     w = torch.rand(16) + 0.5
@@ -145,12 +160,15 @@ def kernel_inputs(kernel: str, qkv) -> list[tuple[tuple, dict]]:
         return [((x, full.cos(), full.sin()), {}), ((x, part.cos(), part.sin()), {})]
     if kernel == "rms_norm":
         return [((x, torch.rand(16, generator=g) + 0.5, 1e-5), {})]
+    if kernel == "packed_attention":
+        return [(packed_inputs(), {})]
     return [((x,), {})]  # swiglu
 
 
+KERNELS = ("attention", "packed_attention", "rotary", "rotary_half", "rms_norm", "swiglu")
 # Only the kernels a table overrides: one that uses the reference itself has nothing to compare.
 OVERRIDES = [(name, kernel) for name, table in sorted(kernel_tables().items())
-             for kernel in ("attention", "rotary", "rotary_half", "rms_norm", "swiglu")
+             for kernel in KERNELS
              if getattr(table, kernel) is not getattr(ref, kernel)]
 
 
@@ -170,7 +188,7 @@ ON_DEVICE = [pytest.param(d, marks=pytest.mark.device(d)) for d in available_bac
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", ["attention", "rotary", "rotary_half", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("device", ON_DEVICE)
 def test_kernels_on_the_device_match_the_cpu_reference(device, kernel, dtype, tol, qkv):
     """Hardware truth (`pytest -m device`): each kernel of the device's table, on the device, against the

@@ -344,6 +344,18 @@ def test_attention_without_kv_cache_and_outside_constraints(monkeypatch):
     assert mod.fake_state.calls["npu_fusion_attention"] == 1  # D not a multiple of 16: the reference ran
 
 
+def test_packed_attention_runs_the_variable_length_layout(installed, chip):
+    """Packed rows through npu_fusion_attention's TND layout (sparse_mode 3, the compressed causal mask, the
+    samples' ends as host lists: the fake checks all three) on 910B; the reference on 910A."""
+    mod, backend = installed
+    q, k, v = randn(2, 4, 6, 16, seed=14), randn(2, 2, 6, 16, seed=15), randn(2, 2, 6, 16, seed=16)
+    cu = torch.tensor([0, 2, 6, 9, 10, 12], dtype=torch.int32)  # rows of 6: samples of 2, 4 | 3, 1, 2
+    out = backend.kernels.packed_attention(q, k, v, cu)
+    torch.testing.assert_close(out, ref.packed_attention(q, k, v, cu), **TOL)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert mod.fake_state.calls["npu_fusion_attention TND"] == (1 if chip == "910B" else 0)
+
+
 def test_swiglu(installed, chip):
     mod, backend = installed
     x = randn(3, 4, 64, seed=30)

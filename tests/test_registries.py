@@ -45,8 +45,10 @@ def counting_backend():
 def test_a_backend_from_outside_the_package_trains_the_golden_model(counting_backend, golden, tmp_path):
     out = tmp_path / "run"
     assert main(["train", DEMO, f"model={golden / 'checkpoint'}", "tokenizer=null", "--device", "counting",
-                 "train.max_steps=2", "train.micro_batch_size=2", f"output_dir={out}"]) == 0
-    # every kernel ChatGLM3 runs on (rotary_half is the rotate-half rope of the transformers-native families)
+                 "train.max_steps=2", "train.micro_batch_size=2", "data.packing=true",
+                 "data.eval=builtin:demo/data.jsonl", "eval.max_batches=1", f"output_dir={out}"]) == 0
+    # every kernel ChatGLM3 runs on (rotary_half is the rotate-half rope of the transformers-native families):
+    # packed rows in training, plain attention in evaluation
     assert set(counting_backend) == {f.name for f in fields(Kernels)} - {"rotary_half"}
     assert min(counting_backend.values()) > 0
     assert json.loads((out / "run.json").read_text())["device"] == "counting"

@@ -73,14 +73,16 @@ class MindSporeRuntime:
         return tuned.model
 
     # --- training -----------------------------------------------------------------------------------
-    def _loss(self, ids, mask, labels, num_items):
-        _, loss = self.model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+    def _loss(self, ids, mask, labels, num_items, positions=None, cuts=None):
+        _, loss = self.model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items,
+                             position_ids=positions, cu_seq_lens=cuts)
         return self.loss_scaler.scale(loss) if self.loss_scaler else loss
 
     def forward_backward(self, batch: dict, num_items: int, boundary: bool = True) -> float:
         ms = self.ms
         loss, grads = self.grad_fn(ms.Tensor(batch["input_ids"], ms.int32), batch["attention_mask"],
-                                   ms.Tensor(batch["labels"], ms.int32), num_items)
+                                   ms.Tensor(batch["labels"], ms.int32), num_items, batch.get("position_ids"),
+                                   batch.get("cu_seq_lens"))
         if self.loss_scaler:
             grads = self.loss_scaler.unscale(grads)
             loss = self.loss_scaler.unscale(loss)

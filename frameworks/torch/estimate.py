@@ -143,7 +143,7 @@ class Plan:
         """The estimate for a micro-batch of `batch` samples, on each of `nproc` cards under `strategy`
         (one of STRATEGIES; `offload`: fsdp's shards in host memory)."""
         data = self.recipe.data
-        seq = data.max_input_length + data.max_output_length + 1
+        seq = data.row_tokens  # a sample at its longest, or a packed row
         rows = batch * seq * data.max_output_length // (data.max_input_length + data.max_output_length)
         cast = self.size if self.size < 4 else 0  # the gradient cast back to the compute dtype
         logits = min(rows, loss_chunk(self.device_type)) * self.vocab * (4 + cast) + 2 * rows * self.hidden * self.size
@@ -207,7 +207,7 @@ def plan(recipe, device: str, checkpointing: Optional[bool] = None, runtime: Opt
     family, config = _family_and_config(recipe)
     if checkpointing is None:
         checkpointing = recipe.train.gradient_checkpointing is True  # auto: estimated as off, its first choice
-    seq = recipe.data.max_input_length + recipe.data.max_output_length + 1
+    seq = recipe.data.row_tokens
     model = _meta_model(family, config, recipe.method, compute, checkpointing)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

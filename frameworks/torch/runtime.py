@@ -125,7 +125,10 @@ class TorchRuntime:
 
     # --- training -----------------------------------------------------------------------------------
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        """The batch on the device; a packed batch's `cu_seq_lens` stay on the host (the kernels that need them
+        there, Ascend's, read them without a device sync; the others copy them over)."""
+        return {k: torch.from_numpy(v) if k == "cu_seq_lens" else torch.from_numpy(v).to(self.device)
+                for k, v in batch.items()}
 
     def forward_backward(self, batch: dict[str, np.ndarray], num_items: int, boundary: bool = True) -> float:
         """Add this micro-batch's gradients; its loss is summed over label tokens / `num_items`.

@@ -142,6 +142,13 @@ def attention_allowed(padding_mask: Optional[np.ndarray], q_len: int, past_len: 
     return allowed[:, None]
 
 
+def packed_allowed(cu_seq_lens: np.ndarray, batch: int, seq: int) -> np.ndarray:
+    """Packed rows' mask, [batch, 1, seq, seq] booleans: a query sees the keys of its own sample up to itself
+    (`cu_seq_lens` cut the rows, laid end to end, into samples, as `Kernels.packed_attention` takes them)."""
+    sample = np.searchsorted(np.asarray(cu_seq_lens)[1:], np.arange(batch * seq), side="right").reshape(batch, seq)
+    return ((sample[:, :, None] == sample[:, None, :]) & np.tril(np.ones((seq, seq), dtype=bool)))[:, None]
+
+
 def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], base_model: str = "") -> dict:
     """The adapter_config.json of a PEFT LoRA adapter, as peft writes it for these settings."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,

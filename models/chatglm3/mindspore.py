@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..family import CheckpointError, read_json
-from .files import (DERIVED_KEYS, PREFIX_ENCODER, attention_allowed, load_config, match_weights,
+from .files import (DERIVED_KEYS, PREFIX_ENCODER, attention_allowed, load_config, match_weights, packed_allowed,
                     peft_ia3_config, peft_lora_config, weight_files)
 from .config import ChatGLM3Config
 from .shards import read_shard
@@ -285,7 +285,7 @@ class ChatGLMForConditionalGeneration(nn.Cell):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
 
     def construct(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None,
-                  num_items_in_batch=None):
+                  num_items_in_batch=None, cu_seq_lens=None):
         config = self.config
         ids = _tensor(input_ids, ms.int32)
         batch, seq = ids.shape
@@ -309,7 +309,10 @@ class ChatGLMForConditionalGeneration(nn.Cell):
             padding = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
             if prefix:
                 padding = np.concatenate([np.ones((batch, prefix), padding.dtype), padding], axis=1)
-        mask = attention_mask_for(padding, seq, past_tokens + prefix)
+        if cu_seq_lens is not None:  # packed rows (torch's forward says how): each sample attends to itself only
+            mask = packed_allowed(np.asarray(cu_seq_lens), batch, seq)
+        else:
+            mask = attention_mask_for(padding, seq, past_tokens + prefix)
         if cache is not None and not cache:
             cache.extend([] for _ in range(config.num_layers))
         for i, layer in enumerate(self.transformer.encoder.layers):

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...backends.base import Kernels
-from ...backends.reference import REFERENCE_KERNELS
+from ...backends.reference import REFERENCE_KERNELS, packed_attention
 from ..family import older_cache_name
 from ..loss import label_loss, shifted_loss
 
@@ -85,7 +85,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(self.head_dim * self.heads, config.hidden_size, bias=config.add_bias_linear)
         self.kernels = REFERENCE_KERNELS
 
-    def forward(self, x, cos, sin, mask, causal, cache: Optional[Cache], prefix_kv):
+    def forward(self, x, cos, sin, mask, causal, cache: Optional[Cache], prefix_kv, packed=None):
         batch, seq, _ = x.shape
         qkv = self.query_key_value(x)
         if self.grouped:  # [q heads | k groups | v groups]
@@ -104,7 +104,10 @@ class SelfAttention(nn.Module):
             v = torch.cat((prefix_kv[1], v), dim=2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = self.kernels.attention(q, k, v, mask=mask, causal=causal)
+        if packed is not None:  # packed rows: cu_seqlens of the samples (Kernels.packed_attention)
+            out = (self.kernels.packed_attention or packed_attention)(q, k, v, packed)
+        else:
+            out = self.kernels.attention(q, k, v, mask=mask, causal=causal)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -129,9 +132,9 @@ class GLMBlock(nn.Module):
         self.dropout = config.hidden_dropout
         self.residual_from_norm = config.apply_residual_connection_post_layernorm
 
-    def forward(self, x, cos, sin, mask, causal, cache, prefix_kv):
+    def forward(self, x, cos, sin, mask, causal, cache, prefix_kv, packed=None):
         normed = self.input_layernorm(x)
-        attn = self.self_attention(normed, cos, sin, mask, causal, cache, prefix_kv)
+        attn = self.self_attention(normed, cos, sin, mask, causal, cache, prefix_kv, packed)
         residual = normed if self.residual_from_norm else x
         x = residual + F.dropout(attn, p=self.dropout, training=self.training)
         normed = self.post_attention_layernorm(x)
@@ -146,13 +149,13 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = make_norm(config) if config.post_layer_norm else None
         self.gradient_checkpointing = False
 
-    def forward(self, x, cos, sin, mask, causal, cache, prefix_kvs):
+    def forward(self, x, cos, sin, mask, causal, cache, prefix_kvs, packed=None):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, prefix_kv in zip(self.layers, prefix_kvs):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, causal, None, prefix_kv, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, causal, None, prefix_kv, packed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, causal, cache, prefix_kv)
+                x = layer(x, cos, sin, mask, causal, cache, prefix_kv, packed)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -265,10 +268,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         past_kvs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+        cu_seq_lens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, [batch, seq, hidden]; `cache` (if given) is extended.
         `past_kvs` are per-layer keys and values to attend to before the input without extending them
-        (peft's prefix tuning in training)."""
+        (peft's prefix tuning in training). `cu_seq_lens`: packed rows (see the causal LM's forward)."""
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
         cached = cache.get_seq_length() if cache is not None else 0
@@ -283,9 +287,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             position_ids = torch.arange(past_tokens, past_tokens + seq, device=x.device).expand(batch, seq)
         if attention_mask is not None and prefix:
             attention_mask = torch.cat((attention_mask.new_ones(batch, prefix), attention_mask), dim=1)
-        mask, causal = attention_mask_for(attention_mask, seq, past_tokens + prefix)
+        if cu_seq_lens is not None:
+            if cached or prefix or position_ids is None:
+                raise ValueError("packed rows (cu_seq_lens) need their position_ids and no cache or prefix")
+            mask, causal = None, True  # each sample's own causal block: the packed attention kernel
+        else:
+            mask, causal = attention_mask_for(attention_mask, seq, past_tokens + prefix)
         cos, sin = self.rotary_pos_emb(position_ids)
-        return self.encoder(x, cos, sin, mask, causal, cache, prefix_kvs)
+        return self.encoder(x, cos, sin, mask, causal, cache, prefix_kvs, cu_seq_lens)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -324,6 +333,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         cache: Optional[Cache] = None,
         num_items_in_batch: Optional[int | torch.Tensor] = None,
         loss_only: bool = False,
+        cu_seq_lens: Optional[torch.Tensor] = None,
         **kwargs,
     ):
         """Run the model.
@@ -343,6 +353,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss_only: with `labels`, compute the loss from the positions that carry a label only, a
                 chunk of them at a time (`label_loss`), and return no logits: the same loss and
                 gradients without the [batch, seq, vocab] logits, the step's largest tensor.
+            cu_seq_lens: packed rows (`data.packing`): int32 [samples + 1], where the samples laid end to end
+                start (`Kernels.packed_attention`); each attends only to itself, `position_ids` restart at 0
+                in each, and `attention_mask` is not used. Training only: no cache, no prefix.
 
         Returns:
             `CausalLMOutputWithPast` (loss, logits, cache), or a tuple when `return_dict=False`.
@@ -366,6 +379,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cache=cache if use_cache else None,
             inputs_embeds=inputs_embeds,
             past_kvs=past_kvs,
+            cu_seq_lens=cu_seq_lens,
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if loss_only and labels is not None:

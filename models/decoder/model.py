@@ -83,9 +83,10 @@ class KernelAttention(torch.nn.Module):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.entry.eager)
         softcap = getattr(self, "attn_logit_softcapping", None)
+        # per layer where the module has its own (Gemma, Qwen); else the config's, for every layer (Mistral)
+        window = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
         out, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
-                                 dropout=self.attention_dropout if self.training else 0.0,
-                                 sliding_window=getattr(self, "sliding_window", None),
+                                 dropout=self.attention_dropout if self.training else 0.0, sliding_window=window,
                                  **({"softcap": softcap} if softcap is not None else {}), **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
@@ -135,12 +136,17 @@ class KernelCausalLM:
             loss_only: with `labels`, the loss from the label positions alone (`label_loss`), no logits: the
                 same loss and gradients without the [batch, seq, vocab] logits (a model that caps its logits,
                 Gemma's `final_logit_softcapping`, forms them).
+            kwargs: transformers' own, and `cu_seq_lens` for packed rows (as ChatGLM3's forward takes them):
+                `attention_mask` is then not used; transformers makes block-diagonal masks from the position ids,
+                and the attention function runs the packed kernel (models/transformers_attention.py).
 
         Returns:
             `CausalLMOutputWithPast` (loss, logits, cache).
         """
         if cache is None:  # transformers' (and peft's) older name
             cache = kwargs.pop("past_key_values", None)
+        if kwargs.get("cu_seq_lens") is not None:  # packed rows: masks from the position ids, restarting at 0
+            attention_mask = None
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if labels is None:

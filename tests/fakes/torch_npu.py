@@ -234,8 +234,13 @@ def build(
         state.calls["npu_fusion_attention"] += 1
         if not spec.atlas_a2:
             raise _unsupported("npu_fusion_attention", spec)
+        if input_layout == "TND":
+            state.calls["npu_fusion_attention TND"] += 1
+            return _varlen(query, key, value, head_num, atten_mask, scale, keep_prob, actual_seq_qlen,
+                           actual_seq_kvlen, sparse_mode, pse)
         if input_layout != "BNSD" or sparse_mode != 0 or keep_prob != 1.0 or pse is not None:
-            raise NotImplementedError("fake npu_fusion_attention: only BNSD, sparse_mode 0, keep_prob 1, no pse")
+            raise NotImplementedError("fake npu_fusion_attention: only BNSD and TND, sparse_mode 0 (3 for TND), "
+                                      "keep_prob 1, no pse")
         b, n1, s, d = query.shape
         n2, t = key.shape[1], key.shape[2]
         if head_num != n1 or n1 % n2 or value.shape != key.shape:
@@ -260,6 +265,34 @@ def build(
         row_max = scores.amax(-1, keepdim=True).expand(b, n1, s, 8)
         row_sum = probs.sum(-1, keepdim=True).expand(b, n1, s, 8)
         return out, row_max, row_sum, torch.empty(0), 0, 0, 0
+
+    def _varlen(query, key, value, head_num, atten_mask, scale, keep_prob, ends_q, ends_kv, sparse_mode, pse):
+        """The TND layout: query [T, N1, D], key and value [T, N2, D], samples ending at the cumulative host
+        lists actual_seq_qlen / actual_seq_kvlen (required with TND). This fake covers sparse_mode 3
+        (rightDownCausal) with equal query and key lengths, which requires the compressed mask: bool
+        2048 x 2048, True strictly above the diagonal."""
+        if sparse_mode != 3 or keep_prob != 1.0 or pse is not None:
+            raise NotImplementedError("fake npu_fusion_attention TND: only sparse_mode 3, keep_prob 1, no pse")
+        if not (isinstance(ends_q, list) and ends_q == ends_kv and all(isinstance(e, int) for e in ends_q)):
+            raise RuntimeError("npu_fusion_attention TND: actual_seq_qlen and actual_seq_kvlen must be host int "
+                               "lists (equal here)")
+        t, n1, d = query.shape
+        if not ends_q or ends_q[-1] != t or any(b <= a for a, b in zip([0] + ends_q, ends_q)):
+            raise RuntimeError(f"npu_fusion_attention TND: actual_seq_qlen {ends_q} must rise to T={t}")
+        if (atten_mask is None or atten_mask.dtype != torch.bool or tuple(atten_mask.shape) != (2048, 2048)
+                or not torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))):
+            raise RuntimeError("npu_fusion_attention: sparse_mode 3 needs the compressed 2048 x 2048 causal mask")
+        if head_num != n1 or n1 % key.shape[1] or d % 16 or d > 512:
+            raise RuntimeError(f"npu_fusion_attention TND: head_num {head_num}, query {tuple(query.shape)}, "
+                               f"key {tuple(key.shape)}")
+        out = torch.empty_like(query)
+        for start, end in zip([0] + ends_q, ends_q):  # each sample: BNSD attention with the causal triangle
+            q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+            length = end - start
+            causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+            out[start:end] = npu_fusion_attention(q, k, v, head_num, "BNSD", atten_mask=causal,
+                                                  scale=scale)[0][0].transpose(0, 1)
+        return out, None, None, torch.empty(0), 0, 0, 0
 
     def npu_swiglu(input, dim=-1):
         """torch_npu.npu_swiglu(input, dim=-1) -> Tensor.
