@@ -63,6 +63,8 @@ class Capabilities:
         visible_devices_env: Environment variable that selects visible devices, or None.
         bnb_4bit: bitsandbytes 4-bit (NF4/FP4) layers run here, so QLoRA can.
         prefers_fp32: `precision: auto` means fp32 here (bf16 compute is slower than fp32 on most CPUs).
+        peak_flops: device 0's dense 16-bit matrix peak in FLOP/s, from its maker's data sheet (0: unknown;
+            runs then show no model FLOP utilisation).
     """
 
     device_name: str
@@ -74,6 +76,7 @@ class Capabilities:
     visible_devices_env: Optional[str]
     bnb_4bit: bool = False
     prefers_fp32: bool = False
+    peak_flops: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ from .reference import REFERENCE_KERNELS, lean_swiglu
 
 log = logging.getLogger(__name__)
 
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; matched by device-name substring.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm through torch's fused kernel, in float32 like the reference, returned in x's dtype."""
@@ -84,6 +87,7 @@ class CUDABackend:
             dist_backend="nccl",
             visible_devices_env="CUDA_VISIBLE_DEVICES",
             bnb_4bit=importlib.util.find_spec("bitsandbytes") is not None,
+            peak_flops=next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in props.name), 0.0),
         )
 
     def setup(self) -> None:

@@ -9,16 +9,22 @@ the per-step losses compare too. Both are evaluated on the same AdvertiseGen dev
   (a) tuneport: `TorchRuntime.forward_backward` + `optimizer_step`, as `tuneport train` runs them;
   (b) hf: `transformers.Trainer` over a `peft` model calling the model's standard forward with labels
       (full logits), the path every transformers user gets and the official fine-tuning demo runs.
+  (c) with `--packing`, tuneport again with `data.packing`: the samples of (b)'s batches packed first-fit
+      decreasing into rows of `--pack-length` tokens (default: the longest a sample may be), as many rows a
+      micro-batch as hold (b)'s real tokens a step, so it learns from the same samples in about as many steps.
 Each run is its own process, so peak memory is that path's alone (peak RSS on the CPU, the backend's
-peak on an accelerator); (a) and (b) alternate for `--rounds` rounds, as machines are noisy.
+peak on an accelerator); the paths alternate for `--rounds` rounds, as machines are noisy. `--profile`
+prints the top operators of one tuneport step (torch.profiler), to see what bounds it.
 Reported: median tokens/s after warm-up (non-padding tokens), peak memory, per-step losses, and the eval
 loss on held-out batches after the same samples.
 
     python bench/train_throughput.py --size small                 (the CPU comparison of issue 11)
     python bench/train_throughput.py --size tiny --rounds 1 --steps 6
+    python bench/train_throughput.py --size small --packing --profile   (packing against both, issue 23)
     python bench/train_throughput.py --size 6b --device cuda --precision bf16
 
-Last line: `tokens/s ratio tuneport/hf: X.XX, peak memory ratio: Y.YY, eval loss delta: Z`.
+Last line: `tokens/s ratio tuneport/hf: X.XX, peak memory ratio: Y.YY, eval loss delta: Z`; with --packing,
+the same for the packed path against hf, and against tuneport unpacked, on the lines before it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ SIZES = {  # ChatGLM3's architecture and its real 65,024-word vocabulary
     "6b": {},
 }
 LR = 1e-3
+LENGTHS = (128, 128)  # max input and output tokens
 
 
 def build_model(size: str, folder: Path, dtype: str) -> None:
@@ -68,11 +75,35 @@ def batches(folder: Path, batch: int, count: int, split: str = "train", grouped:
     from tuneport.models.chatglm3.files import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
-    data = encode_dataset(DATA / f"{split}.json", tokenizer, "advertisegen", 128, 128)
+    data = encode_dataset(DATA / f"{split}.json", tokenizer, "advertisegen", *LENGTHS)
     if grouped:
         stream = micro_batches(data, batch, 0, tokenizer.pad_token_id, Position(), group=batch)
         return [next(stream) for _ in range(count)]
     return [collate(data.samples[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(count)]
+
+
+def packed_batches(folder: Path, batch: int, count: int, length: int) -> list[dict]:
+    """The samples of `batches(folder, batch, count)` packed first-fit decreasing into rows of `length` tokens,
+    as many rows a micro-batch as hold those batches' real tokens on average (so the steps learn from as many
+    tokens as theirs, and as many steps take them; the last may hold fewer)."""
+    from tuneport.core.data import collate_packed, encode_dataset, pack
+    from tuneport.models.chatglm3.files import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    samples = encode_dataset(DATA / "train.json", tokenizer, "advertisegen", *LENGTHS).samples[:batch * count]
+    lengths = [len(ids) for ids, _ in samples]
+    rows = [[samples[i] for i in row] for row in pack(lengths, length)]
+    size = max(1, round(sum(lengths) / count / length))
+    return [collate_packed(rows[i:i + size], tokenizer.pad_token_id) for i in range(0, len(rows), size)]
+
+
+def profile_step(step) -> str:
+    """The top operators of one call of `step` by their own time (torch.profiler), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
 
 
 def peak_memory(device: str) -> float:
@@ -123,28 +154,39 @@ def run_tuneport(folder: Path, args) -> dict:
                           "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": LR,
                                     "gradient_checkpointing": tuneport_checkpointing(args), "seed": 0,
                                     "grad_clip": 1.0},
-                          "data": {"train": str(DATA / "train.json"), "format": "advertisegen"},
+                          "data": {"train": str(DATA / "train.json"), "format": "advertisegen",
+                                   "max_input_length": LENGTHS[0], "max_output_length": LENGTHS[1],
+                                   "packing": args.worker == "packed", "pack_length": args.pack_length},
                           "precision": args.precision, "device": args.device})
     backend = get_backend(args.device)
     trim = malloc_setting(args.malloc, backend)
     precision = resolve_precision(args.precision, args.device, backend.capabilities)
     runtime = TorchRuntime(recipe, backend, precision, folder)
-    train = batches(folder, args.batch, args.steps, grouped=not args.same_batches)
+    if args.worker == "packed":
+        train = packed_batches(folder, args.batch, args.steps, recipe.data.row_tokens)
+    else:
+        train = batches(folder, args.batch, args.steps, grouped=not args.same_batches)
     times, losses = [], []
-    for batch in train:
-        start = time.perf_counter()
-        losses.append(runtime.forward_backward(batch, label_tokens(batch)))
+
+    def step(batch: dict) -> float:
+        loss = runtime.forward_backward(batch, label_tokens(batch))
         runtime.optimizer_step(LR, 1.0)
         backend.synchronize()
+        return loss
+
+    for batch in train:
+        start = time.perf_counter()
+        losses.append(step(batch))
         if trim:
             trim(0)
         times.append(time.perf_counter() - start)
+    profiled = profile_step(lambda: step(train[-1])) if args.profile else None
     total, count = 0.0, 0
     for batch in batches(folder, args.batch, args.eval_batches, "dev"):
         loss, n = runtime.eval_loss(batch)
         total, count = total + loss, count + n
     return {"times": times, "losses": losses, "tokens": [int(b["attention_mask"].sum()) for b in train],
-            "eval_loss": total / count}
+            "positions": [b["attention_mask"].size for b in train], "eval_loss": total / count, "profile": profiled}
 
 
 def run_hf(folder: Path, args) -> dict:
@@ -211,11 +253,11 @@ def run_hf(folder: Path, args) -> dict:
             total += float(model(**inputs, num_items_in_batch=1, use_cache=False).loss)
             count += int((inputs["labels"][:, 1:] != -100).sum())
     return {"times": clock.times, "losses": clock.losses, "tokens": [int(b["attention_mask"].sum()) for b in train],
-            "eval_loss": total / count}
+            "positions": [b["attention_mask"].size for b in train], "eval_loss": total / count}
 
 
 def worker(args) -> None:
-    result = (run_tuneport if args.worker == "tuneport" else run_hf)(Path(args.model_dir), args)
+    result = (run_hf if args.worker == "hf" else run_tuneport)(Path(args.model_dir), args)
     result["peak_mib"] = peak_memory(args.device)
     print("RESULT " + json.dumps(result))
 
@@ -245,7 +287,12 @@ def main() -> None:
     p.add_argument("--malloc", choices=MALLOC, default="setup",
                    help="the CPU allocator setting of the tuneport run (default: the backend's setup, as `tuneport "
                         "train`); the others measure alternatives")
-    p.add_argument("--worker", choices=("tuneport", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--packing", action="store_true",
+                   help="also run tuneport with data.packing on the same samples, and compare it with both")
+    p.add_argument("--pack-length", type=int, help="tokens a packed row holds (default: the longest sample, "
+                                                   f"{sum(LENGTHS) + 1})")
+    p.add_argument("--profile", action="store_true", help="print the top operators of one tuneport step")
+    p.add_argument("--worker", choices=("tuneport", "hf", "packed"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -253,10 +300,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"chatglm3-{args.size}"
         build_model(args.size, folder, args.precision)
-        results: dict[str, list[dict]] = {"tuneport": [], "hf": []}
+        paths = ("tuneport", "hf", "packed") if args.packing else ("tuneport", "hf")
+        results: dict[str, list[dict]] = {path: [] for path in paths}
         passthrough = sys.argv[1:]
         for round_ in range(args.rounds):
-            for path in ("tuneport", "hf"):
+            for path in paths:
                 done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", path,
                                        "--model-dir", str(folder)], capture_output=True, text=True)
                 line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -265,9 +313,13 @@ def main() -> None:
                 result = json.loads(line[-1][7:])
                 results[path].append(result)
                 rate, peak = summary(result, args.warmup)
-                print(f"round {round_ + 1} {path:8s}: {rate:8.1f} tokens/s, peak {peak:8.0f} MiB, "
-                      f"eval loss {result['eval_loss']:.5f}, losses {' '.join(f'{x:.4f}' for x in result['losses'])}",
-                      flush=True)
+                padding = 1 - sum(result["tokens"]) / sum(result["positions"])
+                print(f"round {round_ + 1} {path:8s}: {rate:8.1f} tokens/s, peak {peak:8.0f} MiB, padding "
+                      f"{padding:.1%}, {len(result['losses'])} steps, eval loss {result['eval_loss']:.5f}, losses "
+                      f"{' '.join(f'{x:.4f}' for x in result['losses'])}", flush=True)
+        for path in paths:
+            if results[path][-1].get("profile"):
+                print(f"\none {path} step, top operators by their own time:\n{results[path][-1]['profile']}")
     ours, theirs = results["tuneport"][-1], results["hf"][-1]
     steps = min(len(ours["losses"]), len(theirs["losses"]))
     worst = max(abs(a - b) for a, b in zip(ours["losses"][:steps], theirs["losses"][:steps]))
@@ -282,6 +334,12 @@ def main() -> None:
           f"{args.rounds} rounds; {same}")
     print("medians: " + "; ".join(f"{path} {r:.1f} tokens/s, {m:.0f} MiB" for path, (r, m) in medians.items())
           + f" (ratios {rate:.3f}, {memory:.3f})")
+    if args.packing:
+        packed = results["packed"][-1]
+        for base in ("hf", "tuneport"):
+            print(f"packed/{base}: tokens/s ratio {medians['packed'][0] / medians[base][0]:.2f}, peak memory ratio "
+                  f"{medians['packed'][1] / medians[base][1]:.2f}, eval loss "
+                  f"{(packed['eval_loss'] / results[base][-1]['eval_loss'] - 1) * 100:+.2f}%")
     print(f"tokens/s ratio tuneport/hf: {rate:.2f}, peak memory ratio: {memory:.2f}, "
           f"eval loss delta: {ours['eval_loss'] - theirs['eval_loss']:+.2e} "
           f"({(ours['eval_loss'] / theirs['eval_loss'] - 1) * 100:+.2f}%)")

@@ -78,6 +78,11 @@ class Runtime(Protocol):
     def memory_stats(self) -> MemoryStats:
         """The device's memory use (allocated, reserved, peak bytes)."""
 
+    def mfu(self, tokens_per_s: float) -> Optional[float]:
+        """Model FLOP utilisation of this process's card at `tokens_per_s` (its own tokens): the model's FLOPs
+        per token (4 N + 2 N_trained, README "Speed") times the rate, over the card's peak; None where the
+        peak is unknown (the CPU)."""
+
 
 @dataclass(frozen=True)
 class RuntimeChoice:

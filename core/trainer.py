@@ -602,13 +602,16 @@ def train(
                           # real (not padding) tokens, their rate, and the share of the batches' positions padded
                           "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "padding": 1 - tokens / positions,
                           "peak_memory": runtime.memory_stats().peak}
+                mfu = runtime.mfu(tokens / elapsed / dist.world_size)
+                if mfu is not None:  # on an accelerator whose peak is known
+                    record["mfu"] = mfu
                 if (data.eval or data.general) and ((recipe.eval.every and step % recipe.eval.every == 0)
                                                     or step == steps):
                     record.update(evaluations(runtime, data, recipe, tokenizer))
                 if metrics:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                pad=f"{record['padding']:.0%}")
+                                pad=f"{record['padding']:.0%}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
                 bar.update(1)
                 if on_step:
                     on_step(record)

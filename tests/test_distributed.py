@@ -1,5 +1,6 @@
 """Data parallelism on the CPU: torchrun with 2 gloo processes equals one process with the same global
-batch, and DeepSpeed ZeRO-2 trains the demo recipe and equals plain training."""
+batch (on packed rows: each process takes its rows of the global micro-batch), and DeepSpeed ZeRO-2 trains
+the demo recipe and equals plain training."""
 
 import os
 import subprocess
@@ -31,10 +32,10 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert main(["train", DEMO, f"output_dir={tmp_path / 'one'}", *COMMON, "train.micro_batch_size=4",
-                 "save.every=0"]) == 0
+                 "save.every=0", "data.packing=true"]) == 0
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "tuneport.core.cli", "train", DEMO, f"output_dir={tmp_path / 'two'}", *COMMON,
-              "train.micro_batch_size=2", "save.every=2"]
+              "train.micro_batch_size=2", "save.every=2", "data.packing=true"]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2: loss" in result.stdout  # one summary line, from rank 0 only

@@ -4,7 +4,7 @@ tests/, each registered with one call, train with `tuneport train`; methods come
 import json
 import shutil
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,37 @@ def test_a_backend_from_outside_the_package_trains_the_golden_model(counting_bac
     assert json.loads((out / "run.json").read_text())["device"] == "counting"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class PeakBackend(CPUBackend):
+    """A throwaway device for this test: the CPU, with a data-sheet peak of 1 TFLOP/s, as an accelerator has."""
+
+    name = "peaked"
+
+    @property
+    def capabilities(self):
+        return replace(super().capabilities, peak_flops=1e12)
+
+
+def test_model_flop_utilisation_is_shown_where_the_peak_is_known(tmp_path):
+    from safetensors.torch import load_file
+
+    from tuneport.models.chatglm3 import load_model
+
+    register_backend("peaked", PeakBackend)
+    try:
+        out = tmp_path / "run"
+        assert main(["train", DEMO, "--device", "peaked", "train.max_steps=2", f"output_dir={out}"]) == 0
+    finally:
+        backends._BACKENDS.pop("peaked")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base = load_model(out / "base_model")
+    weights = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+    trained = sum(t.numel() for t in load_file(out / "adapter" / "adapter_model.safetensors").values())
+    for record in records:  # README "Speed": 4 N + 2 N_trained FLOPs a token
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * (4 * (weights + trained) + 2 * trained) / 1e12)
+    assert main(["train", DEMO, "train.max_steps=1", f"output_dir={tmp_path / 'cpu'}"]) == 0
+    assert "mfu" not in json.loads((tmp_path / "cpu" / "metrics.jsonl").read_text())  # no peak known for a CPU
 
 
 def test_a_method_a_framework_lacks_is_refused_before_anything_loads(tmp_path, capsys):

@@ -72,6 +72,8 @@ MAKERS = {
     "zero3": lambda out: train(2, out, "train.micro_batch_size=2", "deepspeed=builtin:deepspeed/zero3.json"),
     "zero3_offload": lambda out: train(2, out, "train.micro_batch_size=2",
                                        "deepspeed=builtin:deepspeed/zero3_offload.json"),
+    "one_packed": lambda out: one_process(out, "data.packing=true"),
+    "fsdp_packed": lambda out: train(2, out, "train.micro_batch_size=2", "train.strategy=fsdp", "data.packing=true"),
 }
 
 
@@ -80,11 +82,11 @@ def assert_close_losses(a: Path, b: Path) -> None:
     torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3", "zero3_offload", "fsdp_packed"])
 def test_two_sharded_processes_learn_as_one_with_the_same_global_batch(runs, strategy):
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra; install tuneport[deepspeed]")
-    assert_close_losses(runs("one"), runs(strategy))
+    assert_close_losses(runs("one_packed" if strategy.endswith("packed") else "one"), runs(strategy))
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])

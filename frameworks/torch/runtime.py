@@ -81,6 +81,7 @@ class TorchRuntime:
             [{"params": decay, "weight_decay": recipe.train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.train.lr)
         self.scaler = backend.grad_scaler(self.compute_dtype) if precision.loss_scaling else None
+        self._flops_per_token: Optional[int] = None
         self.steps_done = 0  # optimizer steps taken (a method's schedule may count them: its state saves them)
         self.engine = None  # DeepSpeed engine, when the recipe asks for one
         self.forward_model = self.model
@@ -290,6 +291,17 @@ class TorchRuntime:
 
     def memory_stats(self) -> MemoryStats:
         return self.backend.memory_stats()
+
+    def mfu(self, tokens_per_s: float) -> Optional[float]:
+        peak = self.backend.capabilities.peak_flops
+        if not peak:
+            return None
+        if self._flops_per_token is None:  # every weight a token multiplies (an embedding lookup multiplies none)
+            embedding = {id(p) for p in self.model.get_input_embeddings().parameters()}
+            size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 keeps the whole size there)
+            weights = sum(size(p) for p in self.model.parameters() if id(p) not in embedding)
+            self._flops_per_token = 4 * weights + 2 * sum(size(p) for p in self.trainable.values())
+        return tokens_per_s * self._flops_per_token / peak
 
     # --- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
