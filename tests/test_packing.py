@@ -104,6 +104,24 @@ def test_micro_batches_of_packed_rows_resume_from_a_saved_position():
     assert all(b["input_ids"].shape[0] == 2 and b["input_ids"].shape[1] <= 16 for b in first + after)
 
 
+def test_mixed_general_rows_come_packed_too_and_resume_exactly():
+    task = EncodedData(samples([6] * 30, seed=3), "conversations", 30, 0, 0)
+    general = EncodedData(samples([5] * 30, seed=4), "conversations", 30, 0, 0)
+    general_ids = {tuple(ids) for ids, _ in general.samples}
+    pos = Position()
+    stream = micro_batches(task, 4, seed=5, pad_id=0, pos=pos, group=4, mix=general, mix_ratio=0.5, pack=16)
+    first = [next(stream) for _ in range(3)]
+    saved = Position(**vars(pos))
+    after = [next(stream) for _ in range(3)]
+    resumed = micro_batches(task, 4, seed=5, pad_id=0, pos=saved, group=4, mix=general, mix_ratio=0.5, pack=16)
+    for a, b in zip(after, [next(resumed) for _ in range(3)]):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    rows = [row for batch in first + after for row in batch["input_ids"].tolist()]
+    # rows of general samples and rows of task samples, both drawn
+    kinds = {tuple(row[:5]) in general_ids for row in rows}
+    assert kinds == {True, False} and pos.mix_offset > 0
+
+
 # --- exactness ------------------------------------------------------------------------------------------------
 KERNELS = ["reference", "cpu", "npu-910B"]
 
