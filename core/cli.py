@@ -33,6 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipes/demo.yaml")
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="dpo: the preference demo (recipes/demo_dpo.yaml): DPO on pairs, held-out accuracy before/after")
 
 
 # --- chat ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
             print(trainer.summary_line(change))
         print(f"adapter: {output_dir / 'adapter'}   metrics: {output_dir / 'metrics.jsonl'}   "
               f"plot: {output_dir / 'loss.png'}")
-        if trained.demo:
+        if trained.demo and not recipe.objective.preference:  # the DPO demo's held-out accuracy is in the line above
             show_answers(trained.runtime, trained.tokenizer, train_data_path=recipe.data.train)
             print(f"chat with it: tuneport chat --model {trained.model_dir} --adapter {output_dir / 'adapter'}")
     if in_process_group():
@@ -61,7 +61,8 @@ def show_answers(runtime, tokenizer, train_data_path: str, count: int = 3) -> No
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    args.recipe, args.device, args.resume = None, None, None
+    args.recipe = "builtin:demo_dpo.yaml" if args.objective == "dpo" else None
+    args.device, args.resume = None, None
     return run_train(args, demo=True)
 
 

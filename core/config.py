@@ -25,6 +25,7 @@ from ..frameworks import FRAMEWORKS, STRATEGIES_OF, frameworks_of
 from ..models import builder_names
 from .errors import RecipeError
 from .methods import METHODS, LoraConfig, MethodConfig, foreign_default, method_fields
+from .objectives import ObjectiveConfig, objective_problems
 
 FORMATS = ("auto", "conversations", "alpaca", "advertisegen", "sharegpt")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -106,6 +107,7 @@ class Recipe:
     model: str = ""  # official checkpoint folder, or a builder name (tuneport.models.builder_names())
     tokenizer: Optional[str] = None  # tokenizer.model or its folder; default: the model's
     method: MethodConfig = field(default_factory=LoraConfig)  # one of methods.METHODS, chosen by method.name
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # sft, or a preference objective
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -303,6 +305,7 @@ def _check_values(r: Recipe) -> list[str]:
         found.append("eval.generate: true needs data.eval, the file whose replies are generated and scored")
     positive("eval.generate_samples", r.eval.generate_samples)
     found += _packing_problems(r)
+    found += objective_problems(r)
     if not 0 <= r.data.mix_ratio < 1:
         found.append(f"data.mix_ratio: {r.data.mix_ratio!r} must be in [0, 1): the share of each batch from data.mix")
     if not 0 <= r.train.seed < 2**32:

@@ -53,13 +53,21 @@ class EncodedData:
         records: how many records the file holds.
         truncated: samples cut to max_input_length + max_output_length + 1 tokens.
         dropped: records left with no loss token after truncation (removed from `samples`).
+        pairs: the samples are preference pairs, (chosen ids, chosen labels, rejected ids, rejected labels)
+            (core/preference.py).
     """
 
-    samples: list[tuple[list[int], list[int]]]
+    samples: list[tuple[list[int], ...]]
     format: str
     records: int
     truncated: int
     dropped: int
+    pairs: bool = False
+
+    def length(self, index: int) -> int:
+        """Sample `index`'s tokens (a pair's: its longer reply's row)."""
+        sample = self.samples[index]
+        return max(len(sample[0]), len(sample[2])) if self.pairs else len(sample[0])
 
 
 def fail(path: PathLike, problems: list[str]) -> DataError:

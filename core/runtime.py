@@ -78,6 +78,14 @@ class Runtime(Protocol):
     def memory_stats(self) -> MemoryStats:
         """The device's memory use (allocated, reserved, peak bytes)."""
 
+    def take_metrics(self) -> dict[str, float]:
+        """The objective's metric sums over this process's micro-batches since the last call (preference
+        objectives: rewards, margin, accuracy, log-probabilities; none for sft)."""
+
+    def eval_pairs(self, batch: dict[str, np.ndarray]) -> tuple[float, int, dict[str, float]]:
+        """For a batch of preference pairs: the objective's loss summed over the pairs, their number, and the
+        metrics' sums."""
+
     def mfu(self, tokens_per_s: float) -> Optional[float]:
         """Model FLOP utilisation of this process's card at `tokens_per_s` (its own tokens): the model's FLOPs
         per token (4 N + 2 N_trained, README "Speed") times the rate, over the card's peak; None where the

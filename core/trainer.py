@@ -33,6 +33,8 @@ from .config import Recipe, recipe_to_dict, resolve_path
 from .data import GROUP_WINDOW, EncodedData, collate, collate_packed, encode_dataset, epoch_order, file_sha256, \
     packed_rows
 from .errors import Diverged, RunError, Stopped
+from .objectives import units
+from .preference import collate_pairs, encode_pairs
 from .rundir import atomic_write_text, read_json_object
 from .runtime import Runtime
 from .versions import installed
@@ -138,7 +140,7 @@ def epoch_units(data: EncodedData, seed: int, group: int = 0, pack: int = 0) -> 
     one whose runs of `group` samples hold similar lengths: `epoch_order`), or with `pack` (tokens a row holds)
     rows of sample indices (`packed_rows`, packed within windows of GROUP_WINDOW * `group` samples)."""
     n = len(data.samples)
-    lengths = [len(ids) for ids, _ in data.samples]
+    lengths = [data.length(i) for i in range(n)]
     if not pack:
         return lambda epoch: epoch_order(n, seed, epoch, lengths if group > 1 else None, group)
     return functools.lru_cache(maxsize=2)(lambda epoch: packed_rows(n, seed, epoch, lengths, pack,
@@ -176,6 +178,8 @@ def micro_batches(data: EncodedData, size: int, seed: int, pad_id: int, pos: Pos
         mine = chosen[rank * size: (rank + 1) * size]
         if pack:
             yield collate_packed([[source.samples[i] for i in row] for source, row in mine], pad_id)
+        elif data.pairs:
+            yield collate_pairs([source.samples[i] for source, i in mine], pad_id)
         else:
             yield collate([source.samples[i] for source, i in mine], pad_id)
 
@@ -326,14 +330,15 @@ class Datasets:
 
 def load_data(recipe: Recipe, tokenizer) -> Datasets:
     """The run's data, encoded (the general-domain files in whatever format they are: `auto`)."""
-    def encode(path: Optional[str], fmt: str = recipe.data.format) -> Optional[EncodedData]:
+    def encode(path: Optional[str], fmt: str = recipe.data.format, pairs: bool = False) -> Optional[EncodedData]:
         if not path:
             return None
-        return encode_dataset(resolve_path(path), tokenizer, fmt=fmt, max_input_length=recipe.data.max_input_length,
-                              max_output_length=recipe.data.max_output_length)
+        return (encode_pairs if pairs else encode_dataset)(resolve_path(path), tokenizer, fmt,
+                                                           recipe.data.max_input_length, recipe.data.max_output_length)
 
-    data = Datasets(encode(recipe.data.train), encode(recipe.data.eval), encode(recipe.eval.general, "auto"),
-                    encode(recipe.data.mix, "auto"))
+    pairs = recipe.objective.preference  # data.train and data.eval hold preference pairs
+    data = Datasets(encode(recipe.data.train, pairs=pairs), encode(recipe.data.eval, pairs=pairs),
+                    encode(recipe.eval.general, "auto"), encode(recipe.data.mix, "auto"))
     for key, path, found in (("data.train", recipe.data.train, data.train), ("data.mix", recipe.data.mix, data.mix),
                              ("eval.general", recipe.eval.general, data.general)):
         if found is not None and not found.samples:
@@ -368,7 +373,9 @@ def evaluations(runtime, data: Datasets, recipe: Recipe, tokenizer) -> dict:
     found = {}
     for key, encoded in (("eval_loss", data.eval), ("general_loss", data.general)):
         if encoded is not None:
-            found[key] = evaluate(runtime, encoded, recipe, tokenizer.pad_token_id)
+            scores = evaluate(runtime, encoded, recipe, tokenizer.pad_token_id)
+            found[key] = scores.pop("loss")
+            found.update({f"eval_{name}": value for name, value in scores.items()})
     if data.dev:
         found.update(generation_scores(runtime, data.dev, recipe, tokenizer))
     return found
@@ -394,25 +401,34 @@ def forgetting(before: dict, after: dict) -> dict:
 
 def summary_line(change: dict) -> str:
     """'task eval loss 2.31 → 1.12 (-51.5%), general loss 1.85 → 1.97 (+6.5%)' for what the run measured."""
-    names = {"eval_loss": "task eval loss", "general_loss": "general loss"}
-    return ", ".join(f"{names.get(k, k.upper())} {v['before']:.2f} → {v['after']:.2f}"
-                     + (f" ({v['change']:+.1%})" if v["change"] is not None else "") for k, v in change.items())
+    names = {"eval_loss": "task eval loss", "general_loss": "general loss",
+             "eval_preference": "held-out preference accuracy", **{k: k.upper() for k in METRICS}}
+    return ", ".join(f"{names[k]} {v['before']:.2f} → {v['after']:.2f}"
+                     + (f" ({v['change']:+.1%})" if v["change"] is not None else "") for k, v in change.items()
+                     if k in names)
 
 
-def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> float:
-    """Token-averaged loss over the evaluation data, its batches shared among the processes."""
+def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> dict:
+    """The evaluation data's loss (token-averaged; for preference pairs the objective's, pair-averaged), and
+    for pairs the objective's metrics averaged over them; the batches shared among the processes."""
     size = recipe.train.micro_batch_size
     batches = [data.samples[i: i + size] for i in range(0, len(data.samples), size)][: recipe.eval.max_batches]
-    total, tokens = 0.0, 0
+    total, tokens, sums = 0.0, 0, {}
     rank, world = runtime.dist.rank, runtime.dist.world_size
     # Every process runs as many forwards (a sharded model's take part on all of them); a process short of
     # a batch repeats the first one and does not count it.
     for i in range(rank, len(batches) + (-len(batches)) % world, world):
-        loss, count = runtime.eval_loss(collate(batches[i if i < len(batches) else 0], pad_id))
+        chosen = batches[i if i < len(batches) else 0]
+        if data.pairs:
+            loss, count, metrics = runtime.eval_pairs(collate_pairs(chosen, pad_id))
+        else:
+            (loss, count), metrics = runtime.eval_loss(collate(chosen, pad_id)), {}
         if i < len(batches):
             total, tokens = total + loss, tokens + count
-    total, tokens = runtime.dist.all_sum([total, tokens])
-    return total / max(1, tokens)
+            sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+    names = sorted(sums)
+    total, tokens, *values = runtime.dist.all_sum([total, tokens, *(sums[k] for k in names)])
+    return {"loss": total / max(1, tokens), **{k: v / max(1, tokens) for k, v in zip(names, values)}}
 
 
 def all_ok(dist, work: Callable[[], None], what: str) -> None:
@@ -584,13 +600,19 @@ def train(
             while step < steps:
                 started = time.perf_counter()
                 batches = [next(stream) for _ in range(t.grad_accum)]
-                num_items, tokens, positions = dist.all_sum([sum(label_tokens(b) for b in batches),
-                                                             sum(int(b["attention_mask"].sum()) for b in batches),
-                                                             sum(b["attention_mask"].size for b in batches)])
+                counts = [units(recipe.objective, b) for b in batches]
+                names = sorted(counts[0])  # what the objective normalises by: label tokens, pairs
+                *summed, tokens, positions = dist.all_sum([*(sum(c[k] for c in counts) for k in names),
+                                                           sum(int(b["attention_mask"].sum()) for b in batches),
+                                                           sum(b["attention_mask"].size for b in batches)])
+                step_units = {k: int(v) for k, v in zip(names, summed)}
+                num_items = step_units if recipe.objective.preference else step_units["tokens"]
                 lr = learning_rate(step, t.lr, steps, t.warmup_steps, t.scheduler)
-                loss = sum(runtime.forward_backward(b, int(num_items), boundary=i == len(batches) - 1)
+                loss = sum(runtime.forward_backward(b, num_items, boundary=i == len(batches) - 1)
                            for i, b in enumerate(batches))
                 grad_norm = runtime.optimizer_step(lr, t.grad_clip)
+                sums = runtime.take_metrics()  # the objective's metrics over this step's pairs (none for sft)
+                metric_values = dict(zip(sorted(sums), dist.all_sum([sums[k] for k in sorted(sums)]))) if sums else {}
                 # One exchange per step: the summed loss, and which processes were asked to stop.
                 loss, sigints, sigterms = dist.all_sum([loss, float(stop.signum == signal.SIGINT),
                                                         float(stop.signum == signal.SIGTERM)])
@@ -601,7 +623,8 @@ def train(
                 record = {"step": step, "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           # real (not padding) tokens, their rate, and the share of the batches' positions padded
                           "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "padding": 1 - tokens / positions,
-                          "peak_memory": runtime.memory_stats().peak}
+                          "peak_memory": runtime.memory_stats().peak,
+                          **{k: v / step_units["pairs"] for k, v in metric_values.items()}}
                 mfu = runtime.mfu(tokens / elapsed / dist.world_size)
                 if mfu is not None:  # on an accelerator whose peak is known
                     record["mfu"] = mfu

@@ -4,8 +4,12 @@ the batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 
 def shifted_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -91,3 +95,75 @@ class _LabelLoss(torch.autograd.Function):
         rows = grad_rows * grad_output.to(grad_rows.dtype) if grad_rows is not None else None
         weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
         return rows, weight, None, None
+
+
+@dataclass
+class LogpsOutput(ModelOutput):
+    """A causal LM's `return_logps` output: each row's summed label log-probability and its label count."""
+
+    logps: Optional[torch.Tensor] = None
+    label_counts: Optional[torch.Tensor] = None
+
+
+def logits_logps(logits: torch.Tensor, labels: torch.Tensor) -> LogpsOutput:
+    """`label_logps` from whole logits [batch, seq, vocab] (a model that forms them, as Gemma's capped ones)."""
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != -100
+    picked = logits[:, :-1].float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return LogpsOutput(logps=(picked * keep).sum(dim=1), label_counts=keep.sum(dim=1))
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> LogpsOutput:
+    """Each row's summed log-probability of its labels (the shifted targets, -100 ignored) under `hidden @
+    weight.T`, from the label positions alone, and how many labels each row has.
+
+    The preference objectives' log-probabilities: float32 [rows], and int64 [rows]. Logits are formed
+    `loss_chunk` label positions at a time and not kept: backward recomputes each chunk's softmax.
+    """
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    per_label = _LabelLogps.apply(hidden[:, :-1][keep], weight, targets[keep])
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    return LogpsOutput(logps=sums.index_add(0, keep.nonzero()[:, 0], per_label), label_counts=keep.sum(dim=1))
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log_softmax(rows @ weight.T)[target] per row, float32; backward recomputes the chunks' logits."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets):
+        out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        lse = torch.empty_like(out)
+        step = loss_chunk(rows.device.type)
+        dtype = rows.dtype
+        for start in range(0, rows.shape[0], step):
+            chunk, target = rows[start:start + step], targets[start:start + step]
+            product = torch.matmul(weight, chunk.t())  # [vocab, rows], in the autocast dtype if any
+            dtype = product.dtype
+            logits = product.float()
+            columns = torch.arange(len(target), device=logits.device)
+            lse[start:start + step] = torch.logsumexp(logits, dim=0)
+            out[start:start + step] = logits[target, columns] - lse[start:start + step]
+        ctx.save_for_backward(rows, weight, targets, lse)
+        ctx.dtype, ctx.step = dtype, step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, targets, lse = ctx.saved_tensors
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        w = weight.to(ctx.dtype)
+        for start in range(0, rows.shape[0], ctx.step):
+            chunk, target = rows[start:start + ctx.step].to(ctx.dtype), targets[start:start + ctx.step]
+            g = grad[start:start + ctx.step].float()
+            columns = torch.arange(len(target), device=chunk.device)
+            softmax = torch.matmul(w, chunk.t()).float().sub_(lse[start:start + ctx.step]).exp_()
+            delta = softmax.mul_(-g)  # d/dlogits of g * log_softmax[target]: g * (onehot - softmax)
+            delta[target, columns] += g
+            delta = delta.to(ctx.dtype)
+            if grad_rows is not None:
+                grad_rows[start:start + ctx.step] = torch.matmul(delta.t(), w).to(rows.dtype)
+            if grad_weight is not None:
+                grad_weight += torch.matmul(delta, chunk).float()
+        return grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype), None

@@ -27,5 +27,5 @@ def test_ci_runs_the_readme_commands():
     assert commands in ci
     assert tests in ci
     # One command for the extras: onnx added after mindspore would break MindSpore's numpy (README).
-    mindspore = "pip install -e '.[mindspore,onnx,serve,eval]'"
+    mindspore = "pip install -e '.[mindspore,onnx,serve,eval,trl]'"
     assert mindspore in README.read_text(encoding="utf-8") and mindspore in ci

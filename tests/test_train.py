@@ -161,6 +161,7 @@ def test_adapter_loads_with_peft_and_matches_training_model(tmp_path):
 
 SHIPPED = [p.stem for p in sorted((REPO / "recipes").glob("chatglm3_6b_*.yaml"))]
 SCHEDULE = {"chatglm3_6b_adalora": ("method.tinit=0", "method.tfinal=0")}  # its 3000-step budget, fitted to 2 steps
+PAIRS = REPO / "recipes" / "demo"  # preference pairs for the DPO recipe
 
 
 @pytest.mark.parametrize("recipe", SHIPPED)
@@ -169,8 +170,11 @@ def test_shipped_6b_recipes_run_on_the_golden_checkpoint(tmp_path, golden, datas
     out = tmp_path / recipe
     code = train(out, f"model={golden / 'checkpoint'}", "train.max_steps=2", "device=cpu", "precision=fp32",
                  *SCHEDULE.get(recipe, ()),
-                 f"data.train={datasets / 'advertisegen/train.json'}", f"data.eval={datasets / 'advertisegen/dev.json'}",
-                 "eval.max_batches=1", "train.micro_batch_size=2", recipe=f"recipes/{recipe}.yaml")
+                 *((f"data.train={PAIRS / 'pairs.jsonl'}", f"data.eval={PAIRS / 'pairs_eval.jsonl'}") if "dpo" in recipe
+                   else (f"data.train={datasets / 'advertisegen/train.json'}",
+                         f"data.eval={datasets / 'advertisegen/dev.json'}")),
+                 "train.epochs=null", "eval.max_batches=1", "train.micro_batch_size=2",
+                 recipe=f"recipes/{recipe}.yaml")
     assert code == 0
     records = metrics(out)
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records) and "eval_loss" in records[-1]

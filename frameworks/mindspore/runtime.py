@@ -163,6 +163,9 @@ class MindSporeRuntime:
         if self.loss_scaler and "loss_scale" in state:
             self.loss_scaler.scale_value.set_data(ms.Tensor(state["loss_scale"], ms.float32))
 
+    def take_metrics(self) -> dict[str, float]:
+        return {}  # sft only: no objective metrics
+
     def mfu(self, tokens_per_s: float) -> None:
         return None  # no peak is known for MindSpore's devices here
 

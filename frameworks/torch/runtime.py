@@ -7,6 +7,8 @@ generation. Batches arrive as numpy arrays; device specifics come from the backe
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -25,11 +27,13 @@ from ...core.config import Recipe, resolve_path
 from ...core.distributed import Dist
 from ...core.errors import MethodUnavailable
 from ...core.methods import decays
+from ...core.objectives import units
 from ...core.precision import PrecisionPlan
 from . import sharding
 from .build import DTYPES, build_tuned_model
 from .estimate import choose_checkpointing
 from .generate import generate_replies
+from .objectives import make_objective
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,20 @@ class TorchRuntime:
             device_ids = None if self.device.type == "cpu" else [self.device.index]
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.model.train()
+        self.frozen = None  # DPO's reference for a method without an adapter to disable: a frozen copy
+        if recipe.objective.reference and not hasattr(self.model, "disable_adapter"):
+            self.frozen = copy.deepcopy(self.model).requires_grad_(False)
+        self.objective = make_objective(recipe.objective, self._reference)
+        self.metric_sums: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference model (DPO): the model with its adapter disabled, or the frozen copy."""
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        with self.model.disable_adapter():
+            yield self.model
 
     def _start_deepspeed(self, precision: PrecisionPlan) -> None:
         """Hand the model and optimizer to DeepSpeed (ZeRO stage and the rest from the recipe's config)."""
@@ -131,23 +149,27 @@ class TorchRuntime:
         return {k: torch.from_numpy(v) if k == "cu_seq_lens" else torch.from_numpy(v).to(self.device)
                 for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict[str, np.ndarray], num_items: int, boundary: bool = True) -> float:
-        """Add this micro-batch's gradients; its loss is summed over label tokens / `num_items`.
+    def forward_backward(self, batch: dict[str, np.ndarray], num_items, boundary: bool = True) -> float:
+        """Add this micro-batch's gradients; its loss is the objective's, normalised by the whole step's units.
 
         Args:
-            batch: numpy input_ids, labels, attention_mask.
-            num_items: label tokens in the whole optimizer step, over all processes.
+            batch: numpy input_ids, labels, attention_mask (for preference pairs: the chosen rows, then the
+                rejected ones).
+            num_items: what the whole optimizer step's loss is normalised by, over all processes: its label
+                tokens (an int, sft), or `core.objectives.units` summed (a dict, the preference objectives).
             boundary: the step's last micro-batch (gradients are exchanged between processes only then).
 
         Returns:
-            This micro-batch's share of the step's token-averaged loss.
+            This micro-batch's share of the step's loss. The objective's metric sums add up for `take_metrics`.
         """
         inputs = self._tensors(batch)
+        step_units = num_items if isinstance(num_items, dict) else {"tokens": num_items}
         ddp = self.engine is None and self.forward_model is not self.model
         with self.forward_model.no_sync() if ddp and not boundary else nullcontext():
             with self.backend.autocast(self.compute_dtype):
-                loss = self.forward_model(**inputs, num_items_in_batch=num_items, use_cache=False,
-                                          loss_only=True).loss
+                loss, metrics = self.objective.loss(self.forward_model, inputs, step_units)
+            for name, value in metrics.items():
+                self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value
             scaled = loss * self.dist.world_size  # DDP and DeepSpeed average over processes; we want the sum
             if self.engine is not None:
                 self.engine.backward(scaled, scale_wrt_gas=False)
@@ -180,6 +202,23 @@ class TorchRuntime:
             self.impl.after_step(self.model, self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def take_metrics(self) -> dict[str, float]:
+        """The objective's metric sums since the last call (this process's micro-batches)."""
+        sums, self.metric_sums = self.metric_sums, {}
+        return sums
+
+    @torch.no_grad()
+    def eval_pairs(self, batch: dict[str, np.ndarray]) -> tuple[float, int, dict[str, float]]:
+        """(the objective's loss summed over the batch's pairs, their number, the metrics' sums), in eval mode."""
+        self.model.eval()
+        try:
+            batch_units = units(self.recipe.objective, batch)
+            with self.backend.autocast(self.compute_dtype):
+                loss, metrics = self.objective.loss(self.model, self._tensors(batch), batch_units)
+            return float(loss) * batch_units["pairs"], batch_units["pairs"], metrics
+        finally:
+            self.model.train()
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS, packed_attention
 from ..family import older_cache_name
-from ..loss import label_loss, shifted_loss
+from ..loss import label_logps, label_loss, shifted_loss
 
 from .config import ChatGLM3Config
 from .tokenizer import ChatGLM3Tokenizer
@@ -334,6 +334,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         num_items_in_batch: Optional[int | torch.Tensor] = None,
         loss_only: bool = False,
         cu_seq_lens: Optional[torch.Tensor] = None,
+        return_logps: bool = False,
         **kwargs,
     ):
         """Run the model.
@@ -356,6 +357,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cu_seq_lens: packed rows (`data.packing`): int32 [samples + 1], where the samples laid end to end
                 start (`Kernels.packed_attention`); each attends only to itself, `position_ids` restart at 0
                 in each, and `attention_mask` is not used. Training only: no cache, no prefix.
+            return_logps: with `labels`, return each row's summed label log-probability and label count
+                (`models.loss.LogpsOutput`, the preference objectives' input) instead of a loss.
 
         Returns:
             `CausalLMOutputWithPast` (loss, logits, cache), or a tuple when `return_dict=False`.
@@ -382,6 +385,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cu_seq_lens=cu_seq_lens,
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if return_logps and labels is not None:
+            return label_logps(hidden, self.transformer.output_layer.weight, labels)
         if loss_only and labels is not None:
             loss = label_loss(hidden, self.transformer.output_layer.weight, labels, num_items_in_batch)
             out = CausalLMOutputWithPast(loss=loss, logits=None, cache=cache if use_cache else None)

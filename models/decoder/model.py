@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ...backends.base import Kernels
 from ...backends.reference import REFERENCE_KERNELS, rotary_half
 from ..family import older_cache_name
-from ..loss import label_loss, shifted_loss
+from ..loss import label_logps, label_loss, logits_logps, shifted_loss
 from ..transformers_attention import ATTENTION
 
 EAGER = "eager"
@@ -122,7 +122,7 @@ class KernelCausalLM:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None, loss_only: bool = False,
-                **kwargs) -> CausalLMOutputWithPast:
+                return_logps: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """transformers' forward (its arguments in its order), with the standard shifted causal-LM loss
         of `models/loss.py`.
 
@@ -136,6 +136,8 @@ class KernelCausalLM:
             loss_only: with `labels`, the loss from the label positions alone (`label_loss`), no logits: the
                 same loss and gradients without the [batch, seq, vocab] logits (a model that caps its logits,
                 Gemma's `final_logit_softcapping`, forms them).
+            return_logps: with `labels`, each row's summed label log-probability and label count
+                (`models.loss.LogpsOutput`) instead of a loss.
             kwargs: transformers' own, and `cu_seq_lens` for packed rows (as ChatGLM3's forward takes them):
                 `attention_mask` is then not used; transformers makes block-diagonal masks from the position ids,
                 and the attention function runs the packed kernel (models/transformers_attention.py).
@@ -154,6 +156,8 @@ class KernelCausalLM:
         outputs = self.model(**inputs)
         hidden = outputs.last_hidden_state
         cap = getattr(self.config, "final_logit_softcapping", None)
+        if return_logps and cap is None:
+            return label_logps(hidden, self.lm_head.weight, labels)
         if loss_only and cap is None:
             # transformers' mean stays in float32 (ChatGLM3's comes back in the activations' dtype)
             if num_items_in_batch is not None:
@@ -166,6 +170,8 @@ class KernelCausalLM:
         logits = self.lm_head(hidden)  # every position: the loss needs them all
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
+        if return_logps:
+            return logits_logps(logits, labels)
         loss = shifted_loss(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None if loss_only else logits, cache=outputs.cache)
 
