@@ -28,6 +28,7 @@ from .errors import RunError
 from .loading import open_model, tuned_model
 from .versions import tuneport_version
 from .data import DataError, FORMATS, fail, file_sha256, read_conversations
+from .preference import PREFERENCE_FORMATS, collate_pairs, encode_pairs
 from .rundir import FolderError, atomic_write_text, check_writable, read_json_object, writing
 from .config import DTYPES, resolve_path
 from .metrics import METRICS, MissingDependency, check_libraries, generation_metrics
@@ -200,6 +201,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"prompts are cut to this many tokens, then the assistant turn starts (default "
                         f"{MAX_INPUT_LENGTH}, as the official demo)")
     p.add_argument("--limit", type=int, help="evaluate the first K samples only")
+    p.add_argument("--preference", action="store_true",
+                   help="--data holds preference pairs (TRL's prompt/chosen/rejected or ShareGPT pairs): score how "
+                        "often the model gives the chosen reply the higher log-probability per token, generating nothing")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -210,8 +214,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                 if value is not None and value <= 0]
     if args.dtype not in DTYPES:
         problems.append(f"--dtype {args.dtype}: not one of {', '.join(DTYPES)}")
-    if args.format not in ("auto", *FORMATS):
-        problems.append(f"--format {args.format}: not one of auto, {', '.join(FORMATS)}")
+    formats = PREFERENCE_FORMATS if getattr(args, "preference", False) else FORMATS
+    if args.format not in ("auto", *formats):
+        problems.append(f"--format {args.format}: not one of auto, {', '.join(formats)}")
     if problems:
         raise RunError("; ".join(problems))
 
@@ -220,6 +225,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """`tuneport eval`: check the arguments, the output folder and the dev file (before loading a
     framework), then generate, score, write eval.json and predictions.jsonl, and print the table."""
     check_arguments(args)
+    if args.preference:
+        return run_preference_eval(args)
     try:
         check_libraries()
     except MissingDependency as e:
@@ -268,6 +275,38 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"  {name:10s}{metrics[name]:8.2f}")
     if metrics["empty"]:
         print(f"  ({metrics['empty']} empty replies scored 0)")
+    print(f"wrote {out / EVAL_RECORD} and {out / PREDICTIONS}")
+    return 0
+
+
+def run_preference_eval(args: argparse.Namespace) -> int:
+    """`tuneport eval --preference`: the model's preference accuracy on a pairs file (per token, as the preference
+    objectives' `preference` metric; and on the summed log-probabilities), written to eval.json."""
+    model_dir, data = Path(args.model), resolve_path(args.data)
+    adapter = Path(args.adapter) if args.adapter else None
+    out = Path(args.out) if args.out else default_out(adapter)
+    check_out(out)
+    check_writable(out, f"--out {out}", WRITE_FIX)
+    opened = open_model(model_dir, args.device, adapter)
+    pairs = encode_pairs(data, opened.tokenizer, args.format, args.max_input_length, args.max_new_tokens)
+    samples = pairs.samples[: args.limit]
+    batches = [collate_pairs(samples[i:i + args.batch_size], opened.tokenizer.pad_token_id)
+               for i in range(0, len(samples), args.batch_size)]
+    scores = framework("torch").pair_scores(tuned_model(opened, adapter, args.dtype), batches)
+    per_token = sum(c / max(n_c, 1) > r / max(n_r, 1) for c, r, n_c, n_r in scores) / len(scores)
+    summed = sum(c > r for c, r, _, _ in scores) / len(scores)
+    record = {"tool": "tuneport", "version": tuneport_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "model": str(model_dir.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
+              "data": {"file": str(data.resolve()), "sha256": file_sha256(data), "format": pairs.format,
+                       "pairs": len(samples)},
+              "settings": {"device": opened.device, "dtype": args.dtype, "max_input_length": args.max_input_length,
+                           "max_reply_length": args.max_new_tokens, "limit": args.limit},
+              "metrics": {"preference_accuracy": per_token, "summed_logp_accuracy": summed}}
+    rows = [{"chosen_logp": c, "rejected_logp": r, "chosen_tokens": n_c, "rejected_tokens": n_r}
+            for c, r, n_c, n_r in scores]
+    write_results(out, record, rows)
+    print(f"tuneport eval --preference: {len(samples)} pairs of {args.data} ({pairs.format}), {opened.device}")
+    print(f"  preference accuracy (per token) {per_token:.3f}; on summed log-probabilities {summed:.3f}")
     print(f"wrote {out / EVAL_RECORD} and {out / PREDICTIONS}")
     return 0
 

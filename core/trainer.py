@@ -260,7 +260,8 @@ def _step(line: str) -> float:
 
 
 def plot_loss(records: list[dict], path: Path) -> None:
-    """loss.png: the training loss, the evaluation losses and, with eval.generate, ROUGE-L and BLEU-4."""
+    """loss.png: the training loss, the evaluation losses and, with eval.generate, ROUGE-L and BLEU-4; with a
+    preference objective, the reward margin and the held-out preference accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,6 +286,15 @@ def plot_loss(records: list[dict], path: Path) -> None:
         right.plot(steps, rouge, "s--", color="tab:green", label="ROUGE-L")
         right.plot(steps, bleu, "^--", color="tab:purple", label="BLEU-4")
         right.set_ylabel("score (0-100)")
+        right.legend(loc="upper right")
+    margins = [(r["step"], r["margin"]) for r in records if r.get("margin") is not None]
+    if margins:  # a preference objective: the reward margin, and the held-out pairs' preference accuracy
+        right = ax.twinx()
+        right.plot(*zip(*margins), "--", color="tab:green", label="reward margin")
+        held = [(r["step"], r["eval_preference"]) for r in records if r.get("eval_preference") is not None]
+        if held:
+            right.plot(*zip(*held), "s-", color="tab:purple", label="held-out preference accuracy")
+        right.set_ylabel("margin / accuracy")
         right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -232,6 +232,14 @@ def test_dpo_on_the_demo_pairs_learns_the_preference_and_a_swapped_control_unlea
     before, after = held_out(out)
     assert 0.2 <= before <= 0.8 and after > 0.9, (before, after)
     assert records(out)[-1]["margin"] > records(out)[0]["margin"]
+    # `tuneport eval --preference` scores the same held-out pairs the same way, with the adapter and without
+    for adapter, expected in ((["--adapter", str(out / "adapter")], after), ([], before)):
+        scored = tmp_path / f"eval{len(adapter)}"
+        assert main(["eval", "--preference", "--model", str(out / "base_model"), *adapter, "--data",
+                     "builtin:demo/pairs_eval.jsonl", "--max-input-length", "64", "--max-new-tokens", "64",
+                     "--out", str(scored)]) == 0
+        metrics = json.loads((scored / "eval.json").read_text())["metrics"]
+        assert metrics["preference_accuracy"] == pytest.approx(expected, abs=1e-6)
     swapped = tmp_path / "swapped.jsonl"
     rows = [json.loads(line) for line in (Path(__file__).parents[1] / "recipes" / "demo" / "pairs.jsonl")
             .read_text().splitlines()]
@@ -305,3 +313,38 @@ def test_a_dpo_run_killed_mid_run_resumes_bit_exactly(tmp_path):
 
     a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (straight, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trl_strings_trl_messages_and_sharegpt_pairs_encode_alike_with_labels_on_the_replies_only(tmp_path):
+    from tuneport.core.preference import encode_pairs
+    from tuneport.models.chatglm3.files import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(__file__).parents[1] / "recipes" / "demo")
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    forms = {
+        "trl strings": {"prompt": "What is LoRA?", "chosen": "Low-rank adapters.", "rejected": "No idea."},
+        "trl messages": {"prompt": [{"role": "user", "content": "What is LoRA?"}],
+                         "chosen": [{"role": "assistant", "content": "Low-rank adapters."}],
+                         "rejected": [{"role": "assistant", "content": "No idea."}]},
+        "sharegpt": {"conversations": [{"from": "human", "value": "What is LoRA?"}],
+                     "chosen": {"from": "gpt", "value": "Low-rank adapters."},
+                     "rejected": {"from": "gpt", "value": "No idea."}},
+    }
+    encoded = {}
+    for name, record in forms.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        data = encode_pairs(path, tokenizer)
+        assert data.pairs and data.format == name.split()[0]
+        encoded[name] = data.samples[0]
+    assert encoded["trl strings"] == encoded["trl messages"] == encoded["sharegpt"]
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels = encoded["sharegpt"]
+    reply = tokenizer.encode_conversation(forms["trl messages"]["chosen"], 1 << 30, 0)[1]
+    assert [x for x in chosen_labels if x != -100] == [x for x in reply if x != -100]  # the reply and its end
+    # a multi-turn prompt: its earlier assistant turn carries no label
+    path = tmp_path / "multi.jsonl"
+    path.write_text(json.dumps({"prompt": history + [{"role": "user", "content": "And LoRA?"}],
+                                "chosen": "Adapters.", "rejected": "Nothing."}) + "\n")
+    ids, labels, _, _ = encode_pairs(path, tokenizer).samples[0]
+    start = next(i for i, x in enumerate(labels) if x != -100)
+    assert all(x != -100 for x in labels[start:]) and start > len(tokenizer.encode_conversation(history, 1 << 30, 0)[0])

@@ -14,6 +14,7 @@ from . import estimate  # noqa: F401  (the framework's API: estimate.plan, estim
 from .build import DTYPES, adapter_method, build_tuned_model, load_tuned_model  # noqa: F401
 from .collective import check as check_collective  # noqa: F401  (`tuneport doctor --nproc N`)
 from .generate import generate_replies  # noqa: F401
+from .objectives import pair_scores  # noqa: F401  (`tuneport eval --preference`)
 from .parity import capture as _capture
 from .runtime import TorchRuntime
 

@@ -105,6 +105,19 @@ class Simpo:
         return losses.sum() / units["pairs"], pair_metrics(beta * mean_c, beta * mean_r, policy, counts)
 
 
+@torch.no_grad()
+def pair_scores(model, batches: list[dict]) -> list[tuple[float, float, int, int]]:
+    """Per pair of the numpy pair batches (core.preference.collate_pairs): the chosen and rejected replies'
+    summed log-probabilities and label counts under `model` (`tuneport eval --preference`)."""
+    device = next(model.parameters()).device
+    found = []
+    for batch in batches:
+        summed, counts = logps(model, {k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        (c, r), (n_c, n_r) = summed.chunk(2), counts.chunk(2)
+        found += list(zip(c.tolist(), r.tolist(), n_c.tolist(), n_r.tolist()))
+    return found
+
+
 def make_objective(config: ObjectiveConfig, reference: Callable[[], ContextManager]):
     """The objective object of `config` (`reference`: DPO's reference context, see `Dpo`)."""
     if config.name == "sft":
