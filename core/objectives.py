@@ -40,6 +40,9 @@ class ObjectiveConfig:
     loss_type: str = "sigmoid"  # dpo: sigmoid | ipo
     orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term
     gamma: float = 0.5  # simpo: the target reward margin
+    # dpo: the reference's log-probabilities computed once before training (a pass that resumes, stored in the run
+    # folder's reference/), so each step runs one forward instead of two, and `full` needs no frozen copy
+    precompute_reference: bool = False
 
     @property
     def preference(self) -> bool:
@@ -63,6 +66,8 @@ def objective_problems(recipe) -> list[str]:
         found.append(f"objective.beta: {o.beta!r} must be > 0")
     if not 0 <= o.label_smoothing < 0.5:
         found.append(f"objective.label_smoothing: {o.label_smoothing!r} must be in [0, 0.5)")
+    if o.precompute_reference and o.name != "dpo":
+        found.append(f"objective.precompute_reference: objective {o.name} has no reference; set it false")
     if o.orpo_lambda < 0:
         found.append(f"objective.orpo_lambda: {o.orpo_lambda!r} must be >= 0")
     if o.preference and recipe.framework != "torch":

@@ -162,5 +162,12 @@ def encode_pairs(path: PathLike, tokenizer, fmt: str = "auto", max_input_length:
 
 
 def collate_pairs(pairs: list[tuple], pad_id: int) -> dict[str, np.ndarray]:
-    """One right-padded batch of a micro-batch's pairs: the chosen replies' rows, then the rejected ones'."""
-    return collate([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id)
+    """One right-padded batch of a micro-batch's pairs: the chosen replies' rows, then the rejected ones'; with
+    pairs that carry their reference log-probabilities (a fifth item, (chosen, rejected): `objective.
+    precompute_reference`), those too, as `reference_logps` [rows] float32."""
+    import numpy as np
+
+    batch = collate([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id)
+    if all(len(p) == 5 for p in pairs):
+        batch["reference_logps"] = np.array([p[4][0] for p in pairs] + [p[4][1] for p in pairs], dtype=np.float32)
+    return batch

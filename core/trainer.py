@@ -441,6 +441,47 @@ def evaluate(runtime, data: EncodedData, recipe: Recipe, pad_id: int) -> dict:
     return {"loss": total / max(1, tokens), **{k: v / max(1, tokens) for k, v in zip(names, values)}}
 
 
+REFERENCE_PART = 64  # pairs whose reference log-probabilities one file of reference/ holds
+
+
+def write_reference_part(path: Path, logps: np.ndarray) -> None:
+    """One file of the reference pass, written atomically (a part is there whole, or not at all)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, logps)
+    os.replace(tmp, path)
+
+
+def attach_reference(runtime, data: EncodedData, folder: Path, name: str, recipe: Recipe, pad_id: int) -> None:
+    """`objective.precompute_reference`: every pair's reference log-probabilities (chosen, rejected), computed
+    once before training, `REFERENCE_PART` pairs a file (`reference/{name}-NNNNN.npy`, the main process writes
+    it), and attached to the pairs, which then carry them into their batches. A run killed during the pass
+    keeps the parts it finished, and `--resume` computes the rest. Every process runs every forward (a sharded
+    model's forwards need them all)."""
+    folder.mkdir(exist_ok=True)
+    size, count = recipe.train.micro_batch_size, len(data.samples)
+    done = {p.name for p in folder.glob(f"{name}-*.npy")}
+    runtime.dist.all_sum([0.0])  # every process has looked before any part is written
+    computed = 0
+    for k, start in enumerate(range(0, count, REFERENCE_PART)):
+        path = folder / f"{name}-{k:05d}.npy"
+        pairs = data.samples[start:start + REFERENCE_PART]
+        if path.name in done:
+            logps = np.load(path)
+        else:
+            rows = []
+            for i in range(0, len(pairs), size):
+                out = runtime.reference_logps(collate_pairs(pairs[i:i + size], pad_id))
+                rows.append(out.reshape(2, -1).T)  # the chosen rows first, then the rejected ones
+            logps = np.concatenate(rows)
+            if runtime.dist.is_main:
+                write_reference_part(path, logps)
+            computed += len(pairs)
+        data.samples[start:start + len(pairs)] = [(*p[:4], (float(c), float(r))) for p, (c, r) in zip(pairs, logps)]
+    log.info("reference log-probabilities of %d %s pairs: %d computed, %d read from %s", count, name, computed,
+             count - computed, folder)
+
+
 def all_ok(dist, work: Callable[[], None], what: str) -> None:
     """Run this process's part of a collective step; when it fails on any process, every process raises
     (so none waits forever at the next collective call). A failed write becomes a one-line RunError.
@@ -591,6 +632,10 @@ def train(
     steps = total_steps(recipe, data.train, dist.world_size)
     ckpt_root = output_dir / "checkpoints"
     step, pos = start or (0, Position())
+    if recipe.objective.precompute_reference:
+        for name, pairs in (("train", data.train), ("eval", data.eval)):
+            if pairs is not None:
+                attach_reference(runtime, pairs, output_dir / "reference", name, recipe, tokenizer.pad_token_id)
     if start is None and (data.eval or data.general):
         baseline = evaluations(runtime, data, recipe, tokenizer)
         if dist.is_main:

@@ -1,6 +1,7 @@
 """`python tests/killer.py MODE AT tuneport-args...`: runs the tuneport CLI and SIGKILLs itself, for the
 resume tests. MODE step: right after optimizer step AT; MODE checkpoint: in the middle of writing checkpoint
-AT (its files written, not yet renamed). Under a launcher with KILL_RANK=N, only rank N kills itself."""
+AT (its files written, not yet renamed); MODE reference: right after the reference pass (objective.
+precompute_reference) has written its part number AT (from 1). Under a launcher with KILL_RANK=N, only rank N kills itself."""
 
 import os
 import signal
@@ -19,6 +20,16 @@ elif mode == "step":
         return original(*args, **kwargs)
 
     trainer.train = train
+elif mode == "reference":
+    original_part, written = trainer.write_reference_part, []
+
+    def write_reference_part(path, logps):
+        original_part(path, logps)
+        written.append(path)
+        if len(written) == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.write_reference_part = write_reference_part
 else:
     original_write = checkpoints.write_state
 

@@ -348,3 +348,28 @@ def test_trl_strings_trl_messages_and_sharegpt_pairs_encode_alike_with_labels_on
     ids, labels, _, _ = encode_pairs(path, tokenizer).samples[0]
     start = next(i for i, x in enumerate(labels) if x != -100)
     assert all(x != -100 for x in labels[start:]) and start > len(tokenizer.encode_conversation(history, 1 << 30, 0)[0])
+
+
+def test_a_precomputed_reference_trains_as_the_live_one_and_its_pass_resumes_after_a_kill(tmp_path):
+    """150 pairs: three parts of the reference pass; the run is killed after the first part is written."""
+    rows = (Path(__file__).parents[1] / "recipes" / "demo" / "pairs.jsonl").read_text().splitlines()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(line + "\n" for line in (rows * 3)[:150]))
+    common = ["train.max_steps=3", "save.every=1", "eval.every=0", "data.eval=null", f"data.train={data}"]
+
+    def run(args: list[str], killer: bool = False) -> None:
+        command = [sys.executable, KILLER] if killer else [sys.executable, "-m", "tuneport.core.cli"]
+        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == (-9 if killer else 0), result.stderr[-2000:]
+
+    live, straight, killed = tmp_path / "live", tmp_path / "straight", tmp_path / "killed"
+    precompute = "objective.precompute_reference=true"
+    assert main(["train", DEMO, *common, f"output_dir={live}"]) == 0
+    assert main(["train", DEMO, *common, precompute, f"output_dir={straight}"]) == 0
+    run(["reference", "1", "train", DEMO, *common, precompute, f"output_dir={killed}"], killer=True)
+    assert [p.name for p in (killed / "reference").glob("*.npy")] == ["train-00000.npy"]
+    run(["train", "--resume", str(killed)])
+    assert sorted(p.name for p in (killed / "reference").iterdir()) == [f"train-0000{k}.npy" for k in range(3)]
+    losses = {out.name: [r["loss"] for r in records(out)] for out in (live, straight, killed)}
+    assert losses["killed"] == losses["straight"]
+    torch.testing.assert_close(torch.tensor(losses["straight"]), torch.tensor(losses["live"]), atol=1e-5, rtol=0)

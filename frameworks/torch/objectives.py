@@ -60,9 +60,11 @@ class Dpo:
         self.config, self.reference = config, reference
 
     def loss(self, model, inputs: dict, units: dict) -> tuple[torch.Tensor, Metrics]:
+        ref = inputs.pop("reference_logps", None)  # computed before training (objective.precompute_reference)
         policy, counts = logps(model, inputs)
-        with torch.no_grad(), self.reference() as reference_model:
-            ref, _ = logps(reference_model, inputs)
+        if ref is None:
+            with torch.no_grad(), self.reference() as reference_model:
+                ref, _ = logps(reference_model, inputs)
         ratio_c, ratio_r = (policy - ref).chunk(2)
         beta, o = self.config.beta, self.config
         if o.loss_type == "ipo":  # per-token log-ratios (TRL's normalisation, confirmed by IPO's authors)

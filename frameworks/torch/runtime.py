@@ -98,16 +98,18 @@ class TorchRuntime:
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.model.train()
         self.frozen = None  # DPO's reference for a method without an adapter to disable: a frozen copy
-        if recipe.objective.reference and not hasattr(self.model, "disable_adapter"):
+        if recipe.objective.reference and not recipe.objective.precompute_reference and \
+                not hasattr(self.model, "disable_adapter"):
             self.frozen = copy.deepcopy(self.model).requires_grad_(False)
         self.objective = make_objective(recipe.objective, self._reference)
         self.metric_sums: dict[str, float] = {}
 
     @contextlib.contextmanager
     def _reference(self):
-        """The reference model (DPO): the model with its adapter disabled, or the frozen copy."""
-        if self.frozen is not None:
-            yield self.frozen
+        """The reference model (DPO): the model with its adapter disabled, or the frozen copy, or (a method
+        without an adapter, before training, for objective.precompute_reference) the model itself."""
+        if self.frozen is not None or not hasattr(self.model, "disable_adapter"):
+            yield self.frozen if self.frozen is not None else self.model
             return
         with self.model.disable_adapter():
             yield self.model
@@ -202,6 +204,19 @@ class TorchRuntime:
             self.impl.after_step(self.model, self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The reference's summed label log-probability of each row of a pair batch, in eval mode (before training:
+        the model as it starts, with its adapter disabled)."""
+        self.model.eval()
+        try:
+            inputs = {k: v for k, v in self._tensors(batch).items() if k != "reference_logps"}
+            with self.backend.autocast(self.compute_dtype), self._reference() as reference:
+                out = reference(**inputs, use_cache=False, return_logps=True)
+            return out.logps.float().cpu().numpy()
+        finally:
+            self.model.train()
 
     def take_metrics(self) -> dict[str, float]:
         """The objective's metric sums since the last call (this process's micro-batches)."""
