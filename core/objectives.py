@@ -70,8 +70,9 @@ def objective_problems(recipe) -> list[str]:
         found.append(f"objective.precompute_reference: objective {o.name} has no reference; set it false")
     if o.orpo_lambda < 0:
         found.append(f"objective.orpo_lambda: {o.orpo_lambda!r} must be >= 0")
-    if o.preference and recipe.framework != "torch":
-        found.append(f"objective.name: {o.name} runs with framework torch; MindSpore trains sft only so far")
+    if o.preference and recipe.framework != "torch" and (o.name != "dpo" or recipe.method.name != "lora"):
+        found.append(f"objective.name: {o.name} with method {recipe.method.name} runs with framework torch; "
+                     "MindSpore trains sft, and dpo with lora")
     if o.preference and recipe.data.packing:
         found.append(f"data.packing: objective {o.name} trains on pairs of replies, which are not packed; set "
                      "data.packing: false")
@@ -79,6 +80,23 @@ def objective_problems(recipe) -> list[str]:
         found.append(f"objective.name: {o.name} with method {recipe.method.name}, whose virtual tokens come before "
                      "each sample, is not supported; use lora, dora, ia3, full or freeze")
     return found
+
+
+def pair_metrics(chosen_rewards: np.ndarray, rejected_rewards: np.ndarray, policy: np.ndarray,
+                 counts: np.ndarray) -> dict[str, float]:
+    """Sums over a batch's pairs (the loop divides by the step's pairs): the rewards, their margin and how often
+    the chosen reply's is higher (`accuracy`, TRL's rewards/accuracies); the replies' summed log-probabilities
+    (`policy`, the chosen rows first); and how often the model itself, with no reference, gives the chosen reply
+    the higher log-probability per token (`preference`: per token, so that a shorter reply is not preferred for
+    its length)."""
+    import numpy as np
+
+    c, r = np.asarray(chosen_rewards, np.float64), np.asarray(rejected_rewards, np.float64)
+    chosen, rejected = np.split(np.asarray(policy, np.float64), 2)
+    mean_c, mean_r = np.split(np.asarray(policy, np.float64) / np.maximum(np.asarray(counts), 1), 2)
+    return {"rewards_chosen": float(c.sum()), "rewards_rejected": float(r.sum()), "margin": float((c - r).sum()),
+            "accuracy": float((c > r).sum()), "logps_chosen": float(chosen.sum()),
+            "logps_rejected": float(rejected.sum()), "preference": float((mean_c > mean_r).sum())}
 
 
 def units(objective: ObjectiveConfig, batch: dict[str, np.ndarray]) -> dict[str, int]:

@@ -22,6 +22,7 @@ from ...backends.base import MemoryStats
 from ...backends.mindspore import MindSporeDevice
 from ...core.errors import MethodUnavailable
 from ...core.methods import decays
+from ...core.objectives import pair_metrics, units
 from ...models import family_for
 from .build import build_tuned_model
 
@@ -64,6 +65,13 @@ class MindSporeRuntime:
         # because DDP averages instead).
         self.sum_over_workers = ms.ops.AllReduce() if dist.world_size > 1 else None
         self.grad_fn = ms.value_and_grad(self._loss, None, params)
+        self.objective = None  # sft; or DPO (frameworks/mindspore/objectives.py), with its own gradient function
+        if recipe.objective.name == "dpo":
+            from .objectives import Dpo
+
+            self.objective = Dpo(recipe.objective, self.msmodel)
+            self.pair_grad_fn = ms.value_and_grad(self._pair_loss, None, params, has_aux=True)
+        self.metric_sums: dict[str, float] = {}
         self.model.set_train(True)
 
     def _build_model(self):
@@ -78,11 +86,58 @@ class MindSporeRuntime:
                              position_ids=positions, cu_seq_lens=cuts)
         return self.loss_scaler.scale(loss) if self.loss_scaler else loss
 
-    def forward_backward(self, batch: dict, num_items: int, boundary: bool = True) -> float:
+    def _pair_loss(self, ids, mask, labels, reference, pairs):
+        loss, policy, counts = self.objective.loss(self.model, ids, mask, labels, reference, pairs)
+        return (self.loss_scaler.scale(loss) if self.loss_scaler else loss), policy, counts
+
+    def _pair_inputs(self, batch: dict):
         ms = self.ms
+        ids, labels = ms.Tensor(batch["input_ids"], ms.int32), ms.Tensor(batch["labels"], ms.int32)
+        mask = batch["attention_mask"]
+        if "reference_logps" in batch:  # computed before training (objective.precompute_reference)
+            reference = ms.Tensor(batch["reference_logps"], ms.float32)
+        else:
+            reference = self.objective.reference(self.model, ids, mask, labels)
+        return ids, mask, labels, reference
+
+    def _pair_metrics(self, policy, reference, counts) -> dict[str, float]:
+        policy, reference, counts = policy.asnumpy(), reference.asnumpy(), counts.asnumpy()
+        beta = self.recipe.objective.beta
+        ratio_c, ratio_r = np.split(policy - reference, 2)
+        return pair_metrics(beta * ratio_c, beta * ratio_r, policy, counts)
+
+    def reference_logps(self, batch: dict) -> np.ndarray:
+        """The reference's summed label log-probability of each row of a pair batch (LoRA off)."""
+        self.model.set_train(False)
+        try:
+            return self._pair_inputs({k: v for k, v in batch.items() if k != "reference_logps"})[3].asnumpy()
+        finally:
+            self.model.set_train(True)
+
+    def eval_pairs(self, batch: dict) -> tuple[float, int, dict[str, float]]:
+        self.model.set_train(False)
+        try:
+            inputs, pairs = self._pair_inputs(batch), units(self.recipe.objective, batch)["pairs"]
+            loss, policy, counts = self.objective.loss(self.model, *inputs, pairs)
+            return float(loss.asnumpy()) * pairs, pairs, self._pair_metrics(policy, inputs[3], counts)
+        finally:
+            self.model.set_train(True)
+
+    def forward_backward(self, batch: dict, num_items, boundary: bool = True) -> float:
+        ms = self.ms
+        if self.objective is not None:  # DPO: `num_items` holds the step's pairs
+            inputs = self._pair_inputs(batch)
+            (loss, policy, counts), grads = self.pair_grad_fn(*inputs, num_items["pairs"])
+            for name, value in self._pair_metrics(policy, inputs[3], counts).items():
+                self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value
+            return self._add_grads(loss, grads)
         loss, grads = self.grad_fn(ms.Tensor(batch["input_ids"], ms.int32), batch["attention_mask"],
                                    ms.Tensor(batch["labels"], ms.int32), num_items, batch.get("position_ids"),
                                    batch.get("cu_seq_lens"))
+        return self._add_grads(loss, grads)
+
+    def _add_grads(self, loss, grads) -> float:
+        """Accumulate a micro-batch's gradients (unscaled, with fp16's loss scaling); its loss as a float."""
         if self.loss_scaler:
             grads = self.loss_scaler.unscale(grads)
             loss = self.loss_scaler.unscale(loss)
@@ -164,7 +219,8 @@ class MindSporeRuntime:
             self.loss_scaler.scale_value.set_data(ms.Tensor(state["loss_scale"], ms.float32))
 
     def take_metrics(self) -> dict[str, float]:
-        return {}  # sft only: no objective metrics
+        sums, self.metric_sums = self.metric_sums, {}
+        return sums
 
     def mfu(self, tokens_per_s: float) -> None:
         return None  # no peak is known for MindSpore's devices here

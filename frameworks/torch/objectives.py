@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.objectives import ObjectiveConfig
+from ...core.objectives import pair_metrics as metric_sums
 
 Metrics = dict[str, float]
 
@@ -40,16 +41,8 @@ def smoothed(z: torch.Tensor, smoothing: float) -> torch.Tensor:
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy: torch.Tensor,
                  counts: torch.Tensor) -> Metrics:
-    """Sums over the pairs (the loop divides by the step's pairs): the rewards, their margin and how often the
-    chosen reply's is higher (`accuracy`, TRL's rewards/accuracies); the replies' summed log-probabilities; and
-    how often the model itself, with no reference, gives the chosen reply the higher log-probability per token
-    (`preference`: per token, so that a shorter reply is not preferred for its length)."""
-    c, r = chosen_rewards.detach(), rejected_rewards.detach()
-    chosen, rejected = policy.detach().chunk(2)
-    mean_c, mean_r = (policy.detach() / counts.clamp(min=1)).chunk(2)
-    return {"rewards_chosen": float(c.sum()), "rewards_rejected": float(r.sum()), "margin": float((c - r).sum()),
-            "accuracy": float((c > r).float().sum()), "logps_chosen": float(chosen.sum()),
-            "logps_rejected": float(rejected.sum()), "preference": float((mean_c > mean_r).float().sum())}
+    """`core.objectives.pair_metrics` of these tensors."""
+    return metric_sums(*(t.detach().float().cpu().numpy() for t in (chosen_rewards, rejected_rewards, policy, counts)))
 
 
 class Dpo:

@@ -54,6 +54,7 @@ class Linear(nn.Cell):
         self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32))) if bias else None
         self.lora_A = self.lora_B = None
         self.lora_scaling, self.lora_dropout = 0.0, 0.0
+        self.lora_enabled = True  # off: the base layer alone (DPO's reference, `adapters_disabled`)
         self.ia3_l, self.ia3_feedforward = None, False
 
     def add_lora(self, r: int, alpha: float, dropout: float, rng: np.random.Generator) -> None:
@@ -76,7 +77,7 @@ class Linear(nn.Cell):
         y = ops.matmul(x, self.weight.T.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.lora_enabled:
             h = ops.dropout(x, p=self.lora_dropout, training=self.training) if self.lora_dropout else x
             y = y + self.lora_B(self.lora_A(h)) * self.lora_scaling
         if self.ia3_l is not None and not self.ia3_feedforward:
@@ -337,6 +338,34 @@ def shifted_loss(logits, labels, num_items_in_batch=None):
     total = -(picked * keep.astype(ms.float32)).sum()
     count = keep.astype(ms.float32).sum() if num_items_in_batch is None else float(num_items_in_batch)
     return total / count
+
+
+def label_logps(logits, labels):
+    """Each row's summed log-probability of its labels (logits[:, :-1] against labels[:, 1:], -100 ignored) in
+    float32, and its label count: the preference objectives' input, as torch's `models.loss.label_logps`."""
+    logits = logits[:, :-1].astype(ms.float32)
+    targets = labels[:, 1:]
+    keep = (targets != -100)
+    log_probs = ops.log_softmax(logits, axis=-1)
+    picked = ops.gather_elements(log_probs, -1, ops.where(keep, targets, 0).expand_dims(-1)).squeeze(-1)
+    return (picked * keep.astype(ms.float32)).sum(axis=1), keep.astype(ms.float32).sum(axis=1)
+
+
+class adapters_disabled:
+    """While active, every LoRA branch of `model` is off: the base model (DPO's reference)."""
+
+    def __init__(self, model: nn.Cell):
+        self.layers = [cell for _, cell in model.cells_and_names() if isinstance(cell, Linear)
+                       and cell.lora_A is not None]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.lora_enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.lora_enabled = True
 
 
 # --- LoRA and IA3 in PEFT's format -----------------------------------------------------------------------
