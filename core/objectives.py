@@ -70,9 +70,8 @@ def objective_problems(recipe) -> list[str]:
         found.append(f"objective.precompute_reference: objective {o.name} has no reference; set it false")
     if o.orpo_lambda < 0:
         found.append(f"objective.orpo_lambda: {o.orpo_lambda!r} must be >= 0")
-    if o.preference and recipe.framework != "torch" and (o.name != "dpo" or recipe.method.name != "lora"):
-        found.append(f"objective.name: {o.name} with method {recipe.method.name} runs with framework torch; "
-                     "MindSpore trains sft, and dpo with lora")
+    if o.preference and recipe.framework != "torch" and o.name != "dpo":
+        found.append(f"objective.name: {o.name} runs with framework torch; MindSpore trains sft and dpo (with lora)")
     if o.preference and recipe.data.packing:
         found.append(f"data.packing: objective {o.name} trains on pairs of replies, which are not packed; set "
                      "data.packing: false")

@@ -399,10 +399,10 @@ class Prepared:
     capture: Callable[..., dict]
 
 
-def _capture(prepared: Prepared, model_dir, adapter, batch, lora) -> dict:
+def _capture(prepared: Prepared, model_dir, adapter, batch, lora, objective: str = "sft") -> dict:
     index = int(prepared.side.device.partition(":")[2] or 0)
     return framework(prepared.side.framework).capture(prepared.device, index, prepared.side.dtype, model_dir,
-                                                      adapter, batch, lora, _scale(prepared))
+                                                      adapter, batch, lora, _scale(prepared), objective=objective)
 
 
 def _scale(prepared: Prepared) -> float:
@@ -425,13 +425,15 @@ def prepare(side: Side, flag: str) -> Prepared:
     return Prepared(side, choice.device, _capture)
 
 
-def run_side(prepared: Prepared, model_dir: Path, adapter: Optional[Path], batch: dict, lora: SyntheticLora) -> dict:
+def run_side(prepared: Prepared, model_dir: Path, adapter: Optional[Path], batch: dict, lora: SyntheticLora,
+             objective: str = "sft") -> dict:
     """The side's captures (float32 arrays of at least one dimension, as a reference file holds them: the
-    loss has shape [1]), gradients under their canonical names."""
+    loss has shape [1]), gradients under their canonical names. `objective` dpo: the batch's rows are pairs
+    (its first half chosen, its second rejected), and the loss is DPO's against the adapter-disabled model."""
     import numpy as np
 
     prepared.device.setup()
-    captured = prepared.capture(prepared, model_dir, adapter, batch, lora)
+    captured = prepared.capture(prepared, model_dir, adapter, batch, lora, objective)
     return {(f"grad:{canonical(n[5:])}" if n.startswith("grad:") else n): np.atleast_1d(v)
             for n, v in captured.items()}
 
@@ -653,6 +655,10 @@ def add_parity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-reference", metavar="FILE", help="run side A only and save it to FILE, for --against "
                    "on another machine (with --b, compare here too)")
     p.add_argument("--against", metavar="FILE", help="take side A from a --save-reference FILE; run side B only")
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="the loss compared: sft (default) or dpo (beta 0.1, the batch's first half of rows chosen, "
+                        "the second rejected, the reference the model without its adapter; rows: per-row "
+                        "log-probabilities instead of logits)")
 
 
 def _sides(args: argparse.Namespace, problems: list[str]) -> tuple[Optional[Side], Optional[Side]]:
@@ -741,13 +747,19 @@ def _run(args: argparse.Namespace) -> int:
         batch_info, versions_a = meta["batch"], meta["versions"]
     else:
         batch = read_batch(Path(args.batch), model_dir) if args.batch else seeded_batch(model_dir)
-        batch_info = batch_identity(batch, str(args.batch) if args.batch else "seeded")
+        batch_info = {**batch_identity(batch, str(args.batch) if args.batch else "seeded"), "objective": args.objective}
         versions_a = versions(side_a)
+    if args.objective != "sft" and batch["input_ids"].shape[0] % 2:
+        raise ParityError(f"--objective {args.objective}: the batch has {batch['input_ids'].shape[0]} rows; a pair "
+                          "batch holds its chosen rows, then as many rejected ones")
+    if batch_info.get("objective", "sft") != args.objective:
+        raise ParityError(f"--against {args.against}: made with --objective {batch_info.get('objective', 'sft')}; "
+                          "run side B with the same objective")
     # Every side that runs is checked before either runs: an unusable side B costs no side A.
     prepared = {flag: prepare(side, flag) for flag, side in (("a", side_a if reference is None else None),
                                                              ("b", side_b)) if side is not None}
     if reference is None:
-        captured_a = run_side(prepared["a"], model_dir, adapter, batch, lora)
+        captured_a = run_side(prepared["a"], model_dir, adapter, batch, lora, args.objective)
         if args.save_reference:
             meta = {"format": REFERENCE_FORMAT, "side": asdict(side_a), "versions": versions_a, "model": identity,
                     "adapter": adapter_id, "batch": batch_info}
@@ -760,7 +772,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"on the other machine: tuneport parity --model MODEL{' --adapter ADAPTER' if adapter else ''} "
                       f"--b DEVICE --against {args.save_reference}")
                 return 0
-    captured_b = run_side(prepared["b"], model_dir, adapter, batch, lora)
+    captured_b = run_side(prepared["b"], model_dir, adapter, batch, lora, args.objective)
 
     dtype = tolerance_dtype(side_a, side_b)
     rows = compare(captured_a, captured_b, dtype)

@@ -127,6 +127,19 @@ def test_torch_and_mindspore_fp32_agree_on_the_golden_model(model, golden, tmp_p
     assert any(r["error"] > 0 for r in rows.values())  # two implementations, not one compared with itself
 
 
+def test_torch_and_mindspore_agree_on_the_dpo_loss_and_its_gradients(model, tmp_path):
+    """--objective dpo: the seeded batch's two rows as one pair (chosen, rejected), DPO against the model without
+    its (synthetic) LoRA; the rows show each row's log-probability instead of the logits."""
+    pytest.importorskip("mindspore", reason="MindSpore is not installed (pip install 'tuneport[mindspore]')")
+    code, report = run_parity(tmp_path / "out", "--model", model, "--a", "cpu", "--b", "cpu", "--framework-b",
+                              "mindspore", "--objective", "dpo")
+    assert code == 0 and report["passed"] and report["batch"]["objective"] == "dpo"
+    rows = rows_of(report)
+    assert [name for name in rows if not name.startswith("grad:")] == [*FORWARD[:-2], "logps", "loss"]
+    assert sum(name.startswith("grad:") for name in rows) == 2 * 2 * 4
+    assert all(r["error"] <= 1e-4 for r in rows.values()) and any(r["error"] > 0 for r in rows.values())
+
+
 def test_bf16_autocast_rows_pass_at_the_bf16_tolerance(model, tmp_path):
     code, report = run_parity(tmp_path / "out", "--model", model, "--a", "cpu", "--b", "cpu", "--dtype-b", "bf16")
     assert report["tolerance"]["dtype"] == "bf16"

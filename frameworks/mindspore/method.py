@@ -28,6 +28,10 @@ class Build:
 
 
 class MindSporeMethod:
+    # DPO's reference is the model with this method switched off (the family's `adapters_disabled`): LoRA's
+    # branches can be; a method that cannot is refused for objective dpo on MindSpore
+    switchable = False
+
     def owns(self, adapter: Path) -> bool:
         """Whether the folder `adapter` holds a result this method loads (`load`)."""
         return False

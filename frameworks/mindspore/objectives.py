@@ -4,8 +4,6 @@ no gradient. Pair batches hold their chosen rows, then their rejected ones (core
 
 from __future__ import annotations
 
-from mindspore import ops
-
 from ...core.objectives import ObjectiveConfig
 
 
@@ -15,12 +13,16 @@ class Dpo:
 
     def reference(self, model, ids, mask, labels):
         """The reference's summed log-probability of each row (LoRA off)."""
+        from mindspore import ops
+
         with self.msmodel.adapters_disabled(model):
             logits, _ = model(ids, attention_mask=mask)
         return ops.stop_gradient(self.msmodel.label_logps(logits, labels)[0])
 
     def loss(self, model, ids, mask, labels, reference, pairs: int):
         """(the batch's share of the step's loss, each row's log-probability, each row's label count)."""
+        from mindspore import ops
+
         logits, _ = model(ids, attention_mask=mask)
         policy, counts = self.msmodel.label_logps(logits, labels)
         ratio_c, ratio_r = ops.chunk(policy - reference, 2)

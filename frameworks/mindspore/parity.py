@@ -14,8 +14,10 @@ from typing import Optional
 
 import numpy as np
 
+from ...core.objectives import ObjectiveConfig
 from ...models import family_for
 from .build import build_tuned_model
+from .objectives import Dpo
 
 
 def _numpy(value) -> np.ndarray:
@@ -34,9 +36,10 @@ def _cell(model, path: str):
 
 
 def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch: dict[str, np.ndarray], lora,
-            loss_scale: float) -> dict[str, np.ndarray]:
+            loss_scale: float, objective: str = "sft") -> dict[str, np.ndarray]:
     """Run `batch` forward and backward once; the arguments and result are those of `torch_parity.capture`
-    (`device` is the MindSporeDevice, already set up). Adapters: PEFT LoRA and IA3.
+    (`device` is the MindSporeDevice, already set up; `objective` dpo as there, with LoRA). Adapters: PEFT LoRA
+    and IA3.
 
     Raises:
         CheckpointError: an adapter of another kind.
@@ -56,6 +59,11 @@ def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch:
     trained = [p for p in model.get_parameters() if p.requires_grad]
 
     captured: dict[str, np.ndarray] = {}
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    dpo = reference = None
+    if objective == "dpo":  # the reference first, so that the hooks below keep the trained model's activations
+        dpo = Dpo(ObjectiveConfig(name="dpo"), mm)
+        reference = dpo.reference(model, ms.Tensor(ids, ms.int32), mask, ms.Tensor(labels, ms.int32))
 
     def keeper(name: str):
         return lambda cell, args, output: captured.__setitem__(name, _numpy(output))
@@ -66,18 +74,26 @@ def capture(device, dtype: str, model_dir: Path, adapter: Optional[Path], batch:
     hooks += [block.register_forward_hook(keeper(f"layers.{i}")) for i, block in enumerate(blocks)]
     hooks.append(model.get_output_embeddings().register_forward_pre_hook(
         lambda cell, args: captured.__setitem__("final_norm", _numpy(args[0]))))
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     num_items = int((labels[:, 1:] != -100).sum())
+    pairs = ids.shape[0] // 2
+
+    def forward(ids, labels):  # (loss, what the rows show: the logits, or DPO's per-row log-probabilities)
+        if dpo is None:
+            logits, loss = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+            return loss, logits
+        loss, policy, _ = dpo.loss(model, ids, mask, labels, reference, pairs)
+        return loss, policy
+
     try:
-        logits, loss = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+        loss, rows = forward(ms.Tensor(ids, ms.int32), ms.Tensor(labels, ms.int32))
     finally:
         for hook in hooks:
             hook.remove()
-    captured["logits"] = _numpy(logits)
+    captured["logits" if dpo is None else "logps"] = _numpy(rows)
     captured["loss"] = _numpy(loss)
 
     def scaled_loss(ids, labels):
-        return model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)[1] * loss_scale
+        return forward(ids, labels)[0] * loss_scale
 
     grad_fn = ms.value_and_grad(scaled_loss, None, trained)
     _, grads = grad_fn(ms.Tensor(ids, ms.int32), ms.Tensor(labels, ms.int32))

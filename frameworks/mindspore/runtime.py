@@ -25,6 +25,7 @@ from ...core.methods import decays
 from ...core.objectives import pair_metrics, units
 from ...models import family_for
 from .build import build_tuned_model
+from .objectives import Dpo
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class MindSporeRuntime:
         self.grad_fn = ms.value_and_grad(self._loss, None, params)
         self.objective = None  # sft; or DPO (frameworks/mindspore/objectives.py), with its own gradient function
         if recipe.objective.name == "dpo":
-            from .objectives import Dpo
-
+            if not self.impl.switchable:
+                raise MethodUnavailable(f"objective dpo with framework mindspore: method {self.method.name} cannot be "
+                                        "switched off for the reference; use method lora, or framework torch")
             self.objective = Dpo(recipe.objective, self.msmodel)
             self.pair_grad_fn = ms.value_and_grad(self._pair_loss, None, params, has_aux=True)
         self.metric_sums: dict[str, float] = {}

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ...backends.base import Backend
+from ...core.objectives import ObjectiveConfig
 from ...models import family_for
 from .build import DTYPES, build_tuned_model
+from .objectives import Dpo
 
 
 
@@ -41,7 +43,7 @@ def _attach_lora(model: nn.Module, lora) -> nn.Module:
 
 
 def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, adapter: Optional[Path],
-            batch: dict[str, np.ndarray], lora, loss_scale: float) -> dict[str, np.ndarray]:
+            batch: dict[str, np.ndarray], lora, loss_scale: float, objective: str = "sft") -> dict[str, np.ndarray]:
     """Run `batch` forward and backward once and return what `tuneport parity` compares.
 
     Args:
@@ -53,6 +55,9 @@ def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, ad
         batch: numpy input_ids, labels, attention_mask.
         lora: the synthetic LoRA attached when there is no adapter (`tuneport.core.parity.SyntheticLora`).
         loss_scale: the loss is multiplied by this before backward and the gradients divided by it (fp16).
+        objective: "sft", or "dpo": the batch's rows are pairs (chosen rows, then rejected), the loss DPO's (beta
+            0.1) against the model with its adapter disabled, and `logps` (each row's label log-probability)
+            replaces `logits`.
 
     Returns:
         float32 arrays in forward order: `embedding`, `layers.N` for each block, `final_norm`, `logits`,
@@ -73,6 +78,12 @@ def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, ad
         param.requires_grad_(True)
     model.eval()  # no dropout: both sides see the same function
 
+    device = backend.device(device_index)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    reference = None
+    if objective == "dpo":  # the reference first, so that the hooks below keep the trained model's activations
+        with torch.no_grad(), backend.autocast(compute), model.disable_adapter():
+            reference = model(**inputs, use_cache=False, return_logps=True).logps
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = inner.get_submodule(family.blocks)
     captured: dict[str, np.ndarray] = {}
@@ -87,18 +98,28 @@ def capture(backend: Backend, device_index: int, dtype: str, model_dir: Path, ad
     hooks += [block.register_forward_hook(keeper(f"layers.{i}")) for i, block in enumerate(blocks)]
     hooks.append(inner.get_output_embeddings().register_forward_pre_hook(
         lambda module, args: captured.__setitem__("final_norm", _numpy(args[0]))))
-    device = backend.device(device_index)
-    inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     try:
         with backend.autocast(compute):
-            out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
-        (out.loss * loss_scale).backward()
+            if reference is None:
+                out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
+                rows, loss = out.logits, out.loss
+            else:
+                dpo = Dpo(ObjectiveConfig(name="dpo"), reference=None)
+                loss, _ = dpo.loss(model, {**inputs, "reference_logps": reference}, {"pairs": len(reference) // 2})
+        (loss * loss_scale).backward()
     finally:
         for hook in hooks:
             hook.remove()
-    captured["logits"] = _numpy(out.logits)
-    captured["loss"] = _numpy(out.loss)
+    if reference is not None:  # the log-probabilities' path runs no output layer: one more forward for its input
+        hook = inner.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: captured.__setitem__("final_norm", _numpy(args[0])))
+        with torch.no_grad(), backend.autocast(compute):
+            rows = model(**inputs, use_cache=False, return_logps=True).logps
+            model(**inputs, use_cache=False)
+        hook.remove()
+    captured["logps" if reference is not None else "logits"] = _numpy(rows)
+    captured["loss"] = _numpy(loss)
     for name, param in trained.items():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
         captured[f"grad:{name}"] = _numpy(grad.float() / loss_scale)

@@ -5,6 +5,7 @@ from ..method import PeftAdapter
 
 class Lora(PeftAdapter):
     peft_type = "LORA"
+    switchable = True  # its branches turn off for DPO's reference
 
     def attach(self, model, build) -> None:
         method, mm = build.method, build.msmodel
