@@ -33,6 +33,10 @@ def run_train(args: argparse.Namespace, demo: bool = False) -> int:
         losses = [r["loss"] for r in trained.records]
         print(f"trained {len(trained.records)} steps ({recipe.framework}) on {trained.device} x{trained.world_size}: "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        margins = [r["margin"] for r in trained.records if "margin" in r]
+        if margins:  # a preference objective
+            print(f"reward margin {margins[0]:.2f} -> {margins[-1]:.2f}, reward accuracy "
+                  f"{trained.records[0]['accuracy']:.2f} -> {trained.records[-1]['accuracy']:.2f}")
         change = trainer.read_run_json(output_dir).get("forgetting")
         if change:
             print(trainer.summary_line(change))

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from tuneport.backends import get_backend
 from tuneport.backends.reference import REFERENCE_KERNELS
+from tuneport.core.cli import main
 from tuneport.core.config import load_recipe
 from tuneport.core.data import IGNORE_INDEX, EncodedData, collate, collate_packed, pack, packed_rows
 from tuneport.core.errors import RecipeError
@@ -210,10 +211,10 @@ def test_a_packed_run_killed_mid_run_resumes_bit_exactly_with_less_padding(tmp_p
     common = ["data.packing=true", "train.max_steps=4", "save.every=1", "train.micro_batch_size=2",
               "train.grad_accum=2"]
     straight, killed, padded = tmp_path / "straight", tmp_path / "killed", tmp_path / "padded"
-    run(["train", DEMO, *common, f"output_dir={straight}"])
+    assert main(["train", DEMO, *common, f"output_dir={straight}"]) == 0
     run(["step", "2", "train", DEMO, *common, f"output_dir={killed}"], killer=True)
     run(["train", "--resume", str(killed)])
-    run(["train", DEMO, *common[1:], f"output_dir={padded}"])
+    assert main(["train", DEMO, *common[1:], f"output_dir={padded}"]) == 0
     records = {folder.name: [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
                for folder in (straight, killed, padded)}
     assert [r["loss"] for r in records["straight"]] == [r["loss"] for r in records["killed"]]

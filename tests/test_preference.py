@@ -226,9 +226,11 @@ def held_out(out: Path) -> tuple[float, float]:
     return change["before"], change["after"]
 
 
-def test_dpo_on_the_demo_pairs_learns_the_preference_and_a_swapped_control_unlearns_it(tmp_path):
+def test_dpo_on_the_demo_pairs_learns_the_preference_and_a_swapped_control_unlearns_it(tmp_path, capsys):
     out = tmp_path / "dpo"
-    assert main(["train", DEMO, f"output_dir={out}", "eval.every=0"]) == 0
+    assert main(["demo", "--objective", "dpo", f"output_dir={out}", "eval.every=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out preference accuracy " in printed and "reward margin 0.00 -> " in printed
     before, after = held_out(out)
     assert 0.2 <= before <= 0.8 and after > 0.9, (before, after)
     assert records(out)[-1]["margin"] > records(out)[0]["margin"]
