@@ -316,3 +316,14 @@ def test_more_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["train", DEMO, f"output_dir={tmp_path / 'z'}", f"deepspeed={zero3}"]) == 2
     assert f"deepspeed: {zero3}: not a readable JSON config (Expecting property name enclosed in double quotes: " \
            "line 1 column 35" in capsys.readouterr().err
+
+
+def test_qlora_trains_on_after_an_evaluation(tmp_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference in eval mode (where the CPU has AVX512-BF16) and
+    keeps them so, which broke the training steps after an evaluation; a training model's layers never take
+    that layout. (Found by DPO with QLoRA on the demo, whose baseline evaluates before step 1.)"""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (tuneport[qlora])")
+    out = tmp_path / "run"
+    assert train(out, "method.name=qlora", "train.max_steps=2", "data.eval=builtin:demo/data.jsonl",
+                 "eval.max_batches=1", "eval.every=1") == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2] and all("eval_loss" in r for r in metrics(out))

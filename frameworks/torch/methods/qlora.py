@@ -18,9 +18,11 @@ QUANTIZED_BASE = "tuneport_quantized_base.json"  # in a QLoRA adapter: how its b
 
 
 def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
-                         device: torch.device) -> int:
+                         device: torch.device, repack: bool = True) -> int:
     """Replace every nn.Linear except the output layer (`get_output_embeddings()`) by a bitsandbytes 4-bit
-    layer (QLoRA base).
+    layer (QLoRA base). `repack` False: never bitsandbytes' CPU inference layout (a model that trains: it
+    repacks the weights in eval mode and keeps them so, and training after an evaluation then fails in
+    matmul_4bit with "a view of a leaf Variable ... in-place").
 
     Returns:
         The number of layers quantized.
@@ -36,7 +38,7 @@ def quantize_linear_4bit(model: nn.Module, quant_type: str, double_quant: bool, 
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type=quant_type,
                                       compress_statistics=double_quant)
-            if child.in_features % 64:
+            if child.in_features % 64 or not repack:
                 # bitsandbytes' CPU inference repacking (taken where the CPU has AVX512-BF16) assumes rows of
                 # whole 64-wide quantization blocks; narrower layers (tiny test models) keep the plain path.
                 layer.support_avx512bf16_for_cpu = False
@@ -84,7 +86,8 @@ class QLora(LoraLike):
             build.quantize(model)
             return True
         method = build.method
-        n = quantize_linear_4bit(model, method.quant_type, method.double_quant, build.compute, build.device)
+        n = quantize_linear_4bit(model, method.quant_type, method.double_quant, build.compute, build.device,
+                                 repack=build.purpose != "train")
         log.info("qlora: %d linear layers quantized to 4-bit %s", n, method.quant_type)
         return True
 
