@@ -211,7 +211,9 @@ def test_a_packed_run_killed_mid_run_resumes_bit_exactly_with_less_padding(tmp_p
     common = ["data.packing=true", "train.max_steps=4", "save.every=1", "train.micro_batch_size=2",
               "train.grad_accum=2"]
     straight, killed, padded = tmp_path / "straight", tmp_path / "killed", tmp_path / "padded"
-    assert main(["train", DEMO, *common, f"output_dir={straight}"]) == 0
+    # the straight run in a process of its own too: a run inside the test process, after other tests, may round
+    # the last bit of some weights otherwise (as test_methods.py notes)
+    run(["train", DEMO, *common, f"output_dir={straight}"])
     run(["step", "2", "train", DEMO, *common, f"output_dir={killed}"], killer=True)
     run(["train", "--resume", str(killed)])
     assert main(["train", DEMO, *common[1:], f"output_dir={padded}"]) == 0
