@@ -368,7 +368,8 @@ def total_steps(recipe: Recipe, data: EncodedData, world_size: int = 1) -> int:
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
     per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
-    units = len(epoch_units(data, recipe.train.seed, per_step, pack_length(recipe))(0))
+    pack = pack_length(recipe)
+    units = len(epoch_units(data, recipe.train.seed, per_step, pack)(0)) if pack else len(data.samples)
     return max(1, math.ceil(recipe.train.epochs * units / per_step))
 
 

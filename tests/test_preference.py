@@ -216,6 +216,13 @@ def test_label_smoothed_dpo_is_the_cdpo_formula(tmp_path):
 
 
 # --- runs ------------------------------------------------------------------------------------------------------
+def run(args: list[str], killer: bool = False) -> None:
+    """`tuneport ARGS` in a new process (with `killer`, SIGKILLed where tests/killer.py is told to)."""
+    command = [sys.executable, KILLER] if killer else [sys.executable, "-m", "tuneport.core.cli"]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == (-9 if killer else 0), result.stderr[-2000:]
+
+
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -300,11 +307,6 @@ def test_the_adapter_disabled_reference_adds_no_parameter_memory(tmp_path):
 def test_a_dpo_run_killed_mid_run_resumes_bit_exactly(tmp_path):
     common = ["train.max_steps=4", "save.every=1", "eval.every=0", "data.eval=null"]
 
-    def run(args: list[str], killer: bool = False) -> None:
-        command = [sys.executable, KILLER] if killer else [sys.executable, "-m", "tuneport.core.cli"]
-        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
-        assert result.returncode == (-9 if killer else 0), result.stderr[-2000:]
-
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run(["train", DEMO, *common, f"output_dir={straight}"])
     run(["step", "2", "train", DEMO, *common, f"output_dir={killed}"], killer=True)
@@ -358,11 +360,6 @@ def test_a_precomputed_reference_trains_as_the_live_one_and_its_pass_resumes_aft
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(line + "\n" for line in (rows * 3)[:150]))
     common = ["train.max_steps=3", "save.every=1", "eval.every=0", "data.eval=null", f"data.train={data}"]
-
-    def run(args: list[str], killer: bool = False) -> None:
-        command = [sys.executable, KILLER] if killer else [sys.executable, "-m", "tuneport.core.cli"]
-        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
-        assert result.returncode == (-9 if killer else 0), result.stderr[-2000:]
 
     live, straight, killed = tmp_path / "live", tmp_path / "straight", tmp_path / "killed"
     precompute = "objective.precompute_reference=true"
