@@ -47,3 +47,29 @@ def test_label_only_loss_without_labels_is_nan_like_the_full_loss(golden):
     assert model(input_ids=ids, labels=labels).loss.isnan()
     assert model(input_ids=ids, labels=labels, loss_only=True).loss.isnan()
     assert model(input_ids=ids, labels=labels, loss_only=True).logits is None
+
+
+def test_label_logps_equal_log_softmax_over_several_chunks_with_their_gradients():
+    """Per-row summed label log-probabilities (the preference objectives') against log_softmax over whole logits,
+    written out here, on more label rows than one chunk holds (the backward recomputes each chunk)."""
+    from tuneport.models.loss import LOSS_CHUNK, label_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 200, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.5).requires_grad_()
+    labels = torch.randint(0, 50, (3, 200))
+    labels[:, :40] = -100
+    labels[1, 150:] = -100
+    out = label_logps(hidden, weight, labels)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    assert int(keep.sum()) > 2 * LOSS_CHUNK
+    full = torch.log_softmax(hidden[:, :-1] @ weight.T, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    expected = (full * keep).sum(dim=1)
+    torch.testing.assert_close(out.logps, expected, atol=1e-4, rtol=1e-6)
+    assert out.label_counts.tolist() == keep.sum(dim=1).tolist()
+    g = torch.tensor([0.5, -1.0, 2.0])
+    got = torch.autograd.grad((out.logps * g).sum(), (hidden, weight))
+    want = torch.autograd.grad((expected * g).sum(), (hidden, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
