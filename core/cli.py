@@ -15,6 +15,7 @@ from ..frameworks import FRAMEWORKS
 from . import evaluate, parity
 from .exits import report
 from .quiet import hide_harmless_warnings
+from .console import KEY_ENV as CONSOLE_KEY_ENV
 from .serve import API_KEY_ENV, Limits
 from .signals import StartupGuard
 from .versions import tuneport_version
@@ -114,6 +115,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", help="log each request's messages (off: counts only)")
 
 
+# --- console -----------------------------------------------------------------------------------------
+def add_console_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs_dir", nargs="?", default="outputs", metavar="RUNS_DIR",
+                   help="the folder of the run folders to show (default outputs); new runs start there")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); any other needs --key")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--key", default=None, help=f"the key the page and its API require (default: ${CONSOLE_KEY_ENV})")
+    p.add_argument("--device", default="auto", help="where chat loads the models: auto, cpu, cuda, npu, ...")
+    p.add_argument("--unload-after", type=float, default=600, metavar="SECONDS",
+                   help="unload a chat model idle this long (default 600)")
+
+
 # --- the table ---------------------------------------------------------------------------------------
 # The command registry: name -> (help, its argument builder, what runs it). A name of core/commands.py's
 # function is loaded when its command runs (that module imports the frameworks' layer and the rest).
@@ -127,6 +140,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "export": ("merge a tuned adapter into its base model and write the official checkpoint layout",
                add_export_arguments, "run_export"),
     "serve": ("serve a model and an optional adapter with the OpenAI chat API", add_serve_arguments, "run_serve"),
+    "console": ("a local web page to start, watch, compare and try the runs in a folder", add_console_arguments,
+                "run_console"),
     "eval": evaluate.SUBCOMMAND,
     "parity": parity.SUBCOMMAND,
     "estimate": ("predict a recipe's peak training memory from config.json, and the largest micro-batch that fits",

@@ -23,6 +23,7 @@ from .rundir import check_writable, writing
 from .loading import load
 from .run import train_run
 from .serve import API_KEY_ENV, Limits, serve
+from .console import KEY_ENV as CONSOLE_KEY_ENV, console
 
 
 def run_train(args: argparse.Namespace, demo: bool = False) -> int:
@@ -245,3 +246,12 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_tokens, args.max_queue, args.max_request_bytes, args.max_model_len)
     return serve(Path(args.model), Path(args.adapter) if args.adapter else None, args.device, args.host, args.port,
                  args.api_key or os.environ.get(API_KEY_ENV) or None, limits, args.model_name, args.log_prompts)
+
+
+def run_console(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise RunError(f"--port: {args.port} is not a port number (1-65535)")
+    if args.unload_after <= 0:
+        raise RunError(f"--unload-after: {args.unload_after} must be > 0 seconds")
+    return console(Path(args.runs_dir), args.host, args.port, args.key or os.environ.get(CONSOLE_KEY_ENV) or None,
+                   args.device, args.unload_after)

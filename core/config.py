@@ -298,7 +298,7 @@ def _check_values(r: Recipe) -> list[str]:
     for name, value in [("train.warmup_steps", r.train.warmup_steps), ("train.weight_decay", r.train.weight_decay),
                         ("eval.every", r.eval.every), ("save.every", r.save.every)]:
         positive(name, value, allow_zero=True)
-    for name, value in _flat(dataclasses.asdict(r)).items():
+    for name, value in flatten(dataclasses.asdict(r)).items():
         if isinstance(value, float) and not math.isfinite(value):
             found.append(f"{name}: {value!r} must be a finite number")
     if r.eval.generate and not r.data.eval:
@@ -409,12 +409,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
+def flatten(values: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}"""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -422,6 +422,6 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 def changed_keys(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two recipes, as {key: (old, new)}."""
-    a, b = _flat(recipe_to_dict(old)), _flat(recipe_to_dict(new))
+    a, b = flatten(recipe_to_dict(old)), flatten(recipe_to_dict(new))
     return {key: (a.get(key), b.get(key)) for key in {**a, **b} if a.get(key) != b.get(key)}
 

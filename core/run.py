@@ -21,7 +21,7 @@ from ..models import builder_family, builder_names, family_for
 from . import checkpoints, rundir, trainer
 from .config import changed_keys, load_recipe, resolve_path
 from .distributed import Dist, in_process_group, init_distributed, launched
-from .errors import EXPECTED, RecipeError, RunError
+from .errors import EXPECTED, Diverged, RecipeError, RunError, Stopped
 from .exits import leave_job, report
 from .checkpoints import write_failure
 from .precision import resolve_precision
@@ -234,6 +234,7 @@ def record_resume(output_dir: Path, recipe, changed: dict, record: Callable[[], 
         rundir.write_marker(output_dir)  # a run folder of an earlier tuneport
     checkpoints.remove_unfinished(output_dir / "checkpoints")
     history = trainer.read_run_json(output_dir) or record()
+    history.pop("outcome", None)  # how the previous process ended; this one is running now
     history.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
                                               "changed": {k: list(v) for k, v in changed.items()},
                                               **({"world_size": list(processes)} if processes[0] != processes[1]
@@ -350,6 +351,27 @@ def plan_device(recipe):
     return choice, precision
 
 
+def record_outcome(output_dir: Path, e: Optional[BaseException]) -> None:
+    """run.json's `outcome`: how this process ended the run (None: it finished), as the console shows it; a
+    resume clears it. Only a folder the run still has; a failure to write it never hides the run's own error."""
+    if e is None:
+        outcome = {"status": "finished", "message": ""}
+    elif isinstance(e, (Stopped, KeyboardInterrupt)):
+        outcome = {"status": "stopped", "message": str(e) or "interrupted"}
+    elif isinstance(e, Diverged):
+        outcome = {"status": "diverged", "message": str(e)}
+    else:
+        text = str(e) if isinstance(e, EXPECTED) else f"{type(e).__name__}: {e}"
+        outcome = {"status": "failed", "message": text.splitlines()[0] if text else type(e).__name__}
+    if not rundir.is_run_folder(output_dir):
+        return
+    try:
+        trainer.update_run_json(output_dir, outcome={**outcome, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                     "pid": os.getpid()})
+    except OSError:
+        log.warning("%s: could not record how the run ended in run.json", output_dir)
+
+
 @dataclass
 class Trained:
     """A finished run: its recipe and folder, each step's record, and what chat-style checks need after it."""
@@ -381,15 +403,20 @@ def train_run(args: argparse.Namespace, demo: bool = False) -> Trained:
     if plan.resume_dir:
         guard.message = (f"interrupted before training resumed; its checkpoints are as they were: continue with "
                          f"tuneport train --resume {shlex.quote(str(plan.resume_dir))}")
+    dist = None
     try:
         dist = prepare_run(plan, guard)
         runtime, model_dir, start = build_run(plan, dist)
         records = trainer.train(plan.recipe, runtime, plan.tokenizer, plan.data, plan.output_dir, start,
                                 on_start=guard.hand_over)
+        if dist.is_main:
+            record_outcome(plan.output_dir, None)  # while the folder is still locked
     except BaseException as e:
         resumable = guard.started or plan.resume_dir is not None
         guard.run_undo()  # a new run that never started training leaves nothing behind
         failed = train_write_error(e, plan.output_dir, resumable)
+        if dist is not None and dist.is_main:
+            record_outcome(plan.output_dir, failed or e)
         if not in_process_group():
             if failed:
                 raise failed from None

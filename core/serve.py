@@ -12,6 +12,7 @@ the official layout (vLLM, vllm-ascend, MindIE); see the README.
 
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -100,8 +101,9 @@ def _field(payload: dict, name: str, kind, default, need: str, check: Callable =
 class Engine:
     """The model, its tokenizer and chat protocol, and the generation loop (run on the worker thread)."""
 
-    def __init__(self, model, tokenizer, chat, name: str, limits: Limits, log_prompts: bool = False):
+    def __init__(self, model, tokenizer, chat, name: str, limits: Limits, log_prompts: bool = False, device: str = ""):
         self.model, self.tokenizer, self.chat, self.name, self.limits = model, tokenizer, chat, name, limits
+        self.device = device  # its name, as the user gave it (cpu, cuda:1, ...)
         self.stop_ids = set(tokenizer.stop_token_ids)
         self.log_prompts = log_prompts
 
@@ -380,56 +382,88 @@ def create_app(engine: Engine, api_key: Optional[str]):
             admission.admit()
         except ApiError as e:
             return error(e, request)
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def put(item) -> None:  # from the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        def finished(future) -> None:
-            admission.release()
-            put(("done", future))
-
-        emit = (lambda delta: put(("delta", delta))) if job.stream else (lambda delta: None)
-        future = loop.run_in_executor(worker, engine.run, job, emit, cancelled)
-        future.add_done_callback(finished)
+        events = run_job(engine, job, worker, admission.release)
         if not job.stream:
-            while not future.done():  # a client that went away frees its place in the queue
-                await asyncio.wait([future], timeout=0.5)
-                if not future.done() and await request.is_disconnected():
-                    cancelled.set()
-            result = future.result()
+            async for kind, item in events:
+                if kind == "tick" and await request.is_disconnected():  # frees its place in the queue
+                    await events.aclose()
+                    return None
+                if kind == "done":
+                    result = item.result()
             return {"id": job.id, "object": "chat.completion", "created": job.created, "model": engine.name,
                     "choices": [{"index": 0, "message": result["message"], "finish_reason": result["finish_reason"]}],
                     "usage": result["usage"]}
 
         async def stream():
-            try:
+            async with contextlib.aclosing(events):  # a client that went away stops the generation
                 yield chunk(job, {"role": "assistant", "content": ""})
-                while True:
-                    kind, item = await events.get()
+                async for kind, item in events:
                     if kind == "delta":
                         yield chunk(job, item)
-                        continue
-                    if item.exception() is not None:
+                    elif kind == "done" and item.exception() is not None:
                         log.error("%s failed: %r", job.id, item.exception())
                         failure = ApiError(500, "internal error during generation; see the server log")
                         yield f"data: {json.dumps(failure.body())}\n\n"
-                        return
-                    result = item.result()
-                    calls = result["message"].get("tool_calls")
-                    if calls:
-                        yield chunk(job, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                    yield chunk(job, {}, result["finish_reason"])
-                    yield "data: [DONE]\n\n"
-                    return
-            finally:
-                cancelled.set()  # a client that went away stops the generation at its next token
+                    elif kind == "done":
+                        result = item.result()
+                        calls = result["message"].get("tool_calls")
+                        if calls:
+                            yield chunk(job, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                        yield chunk(job, {}, result["finish_reason"])
+                        yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+async def run_job(engine: Engine, job: Job, worker: ThreadPoolExecutor, release: Callable[[], None] = lambda: None):
+    """Generate `job`'s reply on `worker` (the one model thread), from the event loop. Yields ("delta", {"content":
+    text}) as a streamed reply grows, ("tick", None) every half second without news (to check the client is still
+    there), and last ("done", the future of the result: message, finish_reason, usage). `release` runs when the
+    generation ends. Closing the generator early stops the generation at its next token."""
+    loop = asyncio.get_running_loop()
+    cancelled = threading.Event()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:  # from the worker thread
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def finished(future) -> None:
+        release()
+        put(("done", future))
+
+    emit = (lambda delta: put(("delta", delta))) if job.stream else (lambda delta: None)
+    loop.run_in_executor(worker, engine.run, job, emit, cancelled).add_done_callback(finished)
+    try:
+        while True:
+            try:
+                kind, item = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                kind, item = "tick", None
+            yield kind, item
+            if kind == "done":
+                return
+    finally:
+        cancelled.set()
+
+
+def load_engine(model: Path, adapter: Optional[Path], device: str, limits: Limits, name: Optional[str] = None,
+                log_prompts: bool = False) -> Engine:
+    """The model with its tuned result merged where its method allows, ready to serve; `limits.max_model_len` is
+    lowered to the model's context.
+
+    Raises:
+        RunError: a bad device, or a family that cannot serve.
+        CheckpointError: a bad model or adapter.
+    """
+    family_for(model).require("serve", f"tuneport serve --model {model}")
+    opened = open_model(model, device, adapter)
+    tuned = tuned_model(opened, adapter, merge=True)  # served as it is where its method cannot merge
+    context = getattr(opened.config, "max_position_embeddings", None) or limits.max_model_len
+    limits = Limits(limits.max_tokens, limits.max_queue, limits.max_request_bytes, min(limits.max_model_len, context))
+    return Engine(tuned, opened.tokenizer, opened.family.chat(), name or model.resolve().name, limits, log_prompts,
+                  opened.device)
 
 
 def check_port(host: str, port: int) -> None:
@@ -477,18 +511,13 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
     if missing:
         raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
     check_port(host, port)
-    family_for(model).require("serve", f"tuneport serve --model {model}")
-    opened = open_model(model, device, adapter)
-    family, tokenizer, device_name = opened.family, opened.tokenizer, opened.device
-    tuned = tuned_model(opened, adapter, merge=True)  # served as it is where its method cannot merge
-    context = getattr(opened.config, "max_position_embeddings", None) or limits.max_model_len
-    limits = Limits(limits.max_tokens, limits.max_queue, limits.max_request_bytes, min(limits.max_model_len, context))
-    engine = Engine(tuned, tokenizer, family.chat(), name or model.resolve().name, limits, log_prompts)
+    engine = load_engine(model, adapter, device, limits, name, log_prompts)
+    limits = engine.limits
 
     import uvicorn
 
     shown = f"[{host}]" if ":" in host else host
-    print(f"tuneport serve: {engine.name} on http://{shown}:{port}/v1 ({device_name}; queue {limits.max_queue}, "
+    print(f"tuneport serve: {engine.name} on http://{shown}:{port}/v1 ({engine.device}; queue {limits.max_queue}, "
           f"max_tokens {limits.max_tokens}, context {limits.max_model_len})", flush=True)
     uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning", access_log=False)
     return 0

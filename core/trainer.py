@@ -637,6 +637,8 @@ def train(
         for name, pairs in (("train", data.train), ("eval", data.eval)):
             if pairs is not None:
                 attach_reference(runtime, pairs, output_dir / "reference", name, recipe, tokenizer.pad_token_id)
+    if dist.is_main:  # for the console's "step N of M"
+        update_run_json(output_dir, total_steps=steps)
     if start is None and (data.eval or data.general):
         baseline = evaluations(runtime, data, recipe, tokenizer)
         if dist.is_main:
