@@ -94,7 +94,7 @@ class Console:
     """The run folders under `root`, the commands started from the page, and the models loaded for chat."""
 
     def __init__(self, root: Path, device: str, unload_after_s: float):
-        self.root, self.device, self.unload_after_s = root, device, unload_after_s
+        self.root, self.device, self.unload_after_s = root.resolve(), device, unload_after_s
         self.children: dict[Path, Child] = {}
         self.models: dict[tuple, Loaded] = {}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneport-chat")  # one model thread
@@ -122,7 +122,7 @@ class Console:
     def recipes(self) -> list[dict]:
         """The shipped recipes, and each run's recipe.yaml (a run's recipe, to start another like it)."""
         shipped = [{"value": f"{BUILTIN}{p.name}", "label": f"shipped: {p.name}"} for p in sorted(RECIPES.glob("*.yaml"))]
-        saved = [{"value": str(f / "recipe.yaml"), "label": f"run: {f.relative_to(self.root.resolve()).as_posix()}"}
+        saved = [{"value": str(f / "recipe.yaml"), "label": f"run: {f.relative_to(self.root).as_posix()}"}
                  for f in runs.find_runs(self.root) if (f / "recipe.yaml").is_file()]
         return shipped + saved
 
@@ -152,7 +152,7 @@ class Console:
         name = str(body.get("name") or "").strip()
         if not NAME.match(name):
             raise ApiError(400, f"name: {name!r}: use letters, digits, '.', '_' and '-' (up to 64), e.g. lora-lr2e-4")
-        folder = self.root.resolve() / name
+        folder = self.root / name
         argv = tuneport_argv("train", *self.command_arguments(body), f"output_dir={folder}")
         return await self.launch(folder, argv, name)
 

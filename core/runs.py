@@ -182,7 +182,7 @@ def summary(root: Path, folder: Path) -> dict:
     method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
     objective = recipe.get("objective") if isinstance(recipe.get("objective"), dict) else {}
     return {
-        "name": folder.relative_to(root.resolve()).as_posix() if folder != root.resolve() else ".",
+        "name": folder.resolve().relative_to(root.resolve()).as_posix() or ".",
         **status(folder),
         "created": (read_marker(folder) or {}).get("created", ""),
         "model": recipe.get("model"), "method": method.get("name"), "objective": objective.get("name", "sft"),

@@ -15,6 +15,7 @@ DATA = REPO / "tests" / "data"
 def pytest_configure(config):
     config.addinivalue_line("markers", "device(name): run only where the named backend is usable")
     config.addinivalue_line("markers", "slow: a long test (a soak); CI runs it, `-m 'not slow'` leaves it out")
+    config.addinivalue_line("markers", "browser: drives headless Chromium (apt-get install chromium); skipped without it")
 
 
 def pytest_runtest_setup(item):

@@ -161,6 +161,7 @@ def wait_points(page, more_than: int) -> int:
 
 
 # --- the browser tests ---------------------------------------------------------------------------------
+@pytest.mark.browser
 def test_the_runs_list_shows_each_status_and_a_running_runs_curve_gains_points(page, console, root):
     process = demo(root / "running", "train.max_steps=100000", "save.every=100000")
     try:
@@ -184,6 +185,7 @@ def test_the_runs_list_shows_each_status_and_a_running_runs_curve_gains_points(p
         process.wait(120)
 
 
+@pytest.mark.browser
 def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, console, root):
     page.goto(f"{console}/#/start")
     page.locator("#name").fill("started")
@@ -221,6 +223,7 @@ def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, c
     page.locator('#status[data-status="stopped"]').wait_for()
 
 
+@pytest.mark.browser
 def test_a_bad_override_shows_the_clis_one_line_error_and_writes_nothing(page, console, root, tmp_path):
     before = sorted(p.name for p in root.iterdir())
     page.goto(f"{console}/#/start")
@@ -236,6 +239,7 @@ def test_a_bad_override_shows_the_clis_one_line_error_and_writes_nothing(page, c
     assert sorted(p.name for p in root.iterdir()) == before and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.browser
 def test_the_compare_view_lists_the_recipe_keys_that_differ(page, console):
     page.goto(f"{console}/#/compare/finished,diverged")
     page.locator("#differing").wait_for()
@@ -244,6 +248,7 @@ def test_the_compare_view_lists_the_recipe_keys_that_differ(page, console):
     assert page.locator("#compare-chart canvas").count() == 1
 
 
+@pytest.mark.browser
 def test_the_chat_panel_streams_the_adapters_greedy_reply_as_tuneport_chat_gives_it(page, console, root):
     folder = root / "finished"
     chat = tuneport("chat", "--model", str(folder / "base_model"), "--adapter", str(folder / "adapter"), "--device",
@@ -268,6 +273,7 @@ def test_the_chat_panel_streams_the_adapters_greedy_reply_as_tuneport_chat_gives
     assert len(pieces) > 1 and "".join(pieces) == expected and events[-1]["finish_reason"] == "stop"
 
 
+@pytest.mark.browser
 def test_the_page_guard_catches_a_request_to_another_host(browser, console, tmp_path):
     for bypass_csp in (False, True):  # stopped by the console's CSP, and (without it) by the route
         planted = guarded_page(browser, console, bypass_csp)
@@ -378,6 +384,13 @@ def test_run_status_follows_the_lock_and_the_recorded_outcome(root, tmp_path):
     assert runs.status(copy)["status"] == "stopped"
     shutil.rmtree(copy / "checkpoints")
     assert runs.status(copy)["status"] == "failed"
+
+
+def test_runs_are_found_and_named_under_a_relative_folder(root, monkeypatch):
+    monkeypatch.chdir(root.parent)  # `tuneport console outputs`
+    found = runs.find_runs(Path(root.name))
+    assert {runs.summary(Path(root.name), f)["name"] for f in found} >= {"finished", "diverged"}
+    assert runs.run_folder(Path(root.name), "finished") == (root / "finished").resolve()
 
 
 def test_metrics_are_read_as_they_grow_and_again_after_a_resume_rewrites_them(tmp_path):

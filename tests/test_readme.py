@@ -27,5 +27,13 @@ def test_ci_runs_the_readme_commands():
     assert commands in ci
     assert tests in ci
     # One command for the extras: onnx added after mindspore would break MindSpore's numpy (README).
-    mindspore = "pip install -e '.[mindspore,onnx,serve,eval,trl]'"
+    mindspore = "pip install -e '.[mindspore,onnx,serve,eval,trl,console]'"
     assert mindspore in README.read_text(encoding="utf-8") and mindspore in ci
+
+
+def test_the_readmes_pictures_are_in_the_repository():
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text(encoding="utf-8"))
+    assert "docs/console.png" in pictures
+    for picture in pictures:
+        path = README.parent / picture
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
