@@ -34,7 +34,8 @@ from ..backends import available_backends
 from . import runs
 from .config import BUILTIN
 from .errors import RunError
-from .serve import ApiError, Limits, check_port, is_local, load_engine, run_job
+from .rundir import read_json_object
+from .serve import ApiError, Limits, check_listen, is_local, load_engine, run_job
 
 log = logging.getLogger("tuneport.console")
 KEY_ENV = "TUNEPORT_CONSOLE_KEY"
@@ -101,10 +102,15 @@ class Console:
 
     # --- runs ------------------------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
+        """The run folder `name` under RUNS_DIR; a 404 otherwise, with the error of the command started here for it
+        (a new run that fails before training removes the folder it made)."""
         try:
             return runs.run_folder(self.root, name)
         except runs.RunNotFound as e:
-            raise ApiError(404, str(e)) from None
+            child = self.children.get(self.root / name)
+            failed = child is not None and child.process.poll() not in (None, 0)
+            raise ApiError(404, f"{e}; the command started here for it failed: {child.error()}" if failed else str(e)) \
+                from None
 
     def list_runs(self) -> list[dict]:
         for child in self.children.values():
@@ -163,6 +169,9 @@ class Console:
     async def launch(self, folder: Path, argv: list[str], name: str) -> dict:
         """Start the command; its own checks (the folder's lock among them) refuse what may not run."""
         child = start_child(argv)
+        earlier = self.children.get(folder)
+        if earlier is not None:
+            os.close(earlier.output)
         self.children[folder] = child
         log.info("started %s (PID %d)", " ".join(argv[2:]), child.process.pid)
         deadline = time.monotonic() + STARTED_WITHIN_S
@@ -199,8 +208,7 @@ class Console:
     # --- chat ------------------------------------------------------------------------------------------
     def engine(self, folder: Path, side: str):
         """The run's adapter (side "adapter") or its base ("base") ready to generate, loaded on first use."""
-        record = runs.details(self.root, folder)
-        model = record.get("model_dir")
+        model = read_json_object(folder / "run.json").get("model_dir")
         adapter = folder / "adapter" if side == "adapter" else None
         if not model or not Path(model).is_dir():
             raise ApiError(400, f"{folder.name}: run.json names no model folder that exists here ({model})")
@@ -395,9 +403,10 @@ def create_app(console: Console, key: Optional[str], allowed_hosts: Optional[set
     return app
 
 
-def allowed(host: str, port: int) -> Optional[set]:
-    """The Host headers a console bound to `host` answers: its own names for a loopback bind, any for 0.0.0.0."""
-    if host in ("0.0.0.0", "::"):
+def allowed(host: str, port: int, key: Optional[str]) -> Optional[set]:
+    """The Host headers a console bound to `host` answers: with a key, any (the key guards); without one (loopback),
+    only its own names, so that a page elsewhere cannot reach it through a name it points here (DNS rebinding)."""
+    if key:
         return None
     names = {host, f"[{host}]"} | ({"localhost", "127.0.0.1", "[::1]"} if is_local(host) else set())
     return {f"{n}:{port}" for n in names} | names
@@ -409,19 +418,10 @@ def console(root: Path, host: str, port: int, key: Optional[str], device: str, u
     Raises:
         RunError: a non-loopback bind without a key, a missing extra, a busy port, a missing folder.
     """
-    import importlib.util
-
-    host = host.strip("[]")
-    if not is_local(host) and not key:
-        raise RunError(f"--host {host}: not a loopback address, so the console needs a key: pass --key KEY or set "
-                       f"{KEY_ENV} (or bind to 127.0.0.1)")
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise RunError(f"tuneport console needs {' and '.join(missing)}: pip install 'tuneport[console]'")
     if not root.is_dir():
         raise RunError(f"RUNS_DIR {root}: not a folder; give the folder your runs' output_dir are in (e.g. outputs)")
-    check_port(host, port)
-    app = create_app(Console(root, device, unload_after_s), key, allowed(host, port))
+    host = check_listen("console", host, port, key, "the console needs a key: pass --key KEY", KEY_ENV)
+    app = create_app(Console(root, device, unload_after_s), key, allowed(host, port, key))
 
     import uvicorn
 

@@ -466,6 +466,26 @@ def load_engine(model: Path, adapter: Optional[Path], device: str, limits: Limit
                   opened.device)
 
 
+def check_listen(command: str, host: str, port: int, key: Optional[str], needs: str, key_env: str) -> str:
+    """Before anything is loaded: a host that is not loopback needs a key (`needs` says which option gives it),
+    FastAPI and uvicorn (the `command` extra) must be installed, and the port must be free. Returns the host
+    without the brackets of a URL ([::1]).
+
+    Raises:
+        RunError: saying which of them failed, and the fix.
+    """
+    import importlib.util
+
+    host = host.strip("[]")
+    if not is_local(host) and not key:
+        raise RunError(f"--host {host}: not a loopback address, so {needs} or set {key_env} (or bind to 127.0.0.1)")
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RunError(f"tuneport {command} needs {' and '.join(missing)}: pip install 'tuneport[{command}]'")
+    check_port(host, port)
+    return host
+
+
 def check_port(host: str, port: int) -> None:
     """RunError if `host:port` cannot be bound, found before the model is loaded."""
     import socket
@@ -501,16 +521,7 @@ def serve(model: Path, adapter: Optional[Path], device: str, host: str, port: in
         RunError: a public bind without a key, a missing extra, a busy port, or a bad device.
         CheckpointError: a bad model or adapter.
     """
-    import importlib.util
-
-    host = host.strip("[]")  # [::1] as in a URL
-    if not is_local(host) and not api_key:
-        raise RunError(f"--host {host}: not a loopback address, so the server needs an API key: pass --api-key KEY "
-                       f"or set {API_KEY_ENV} (or bind to 127.0.0.1)")
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise RunError(f"tuneport serve needs {' and '.join(missing)}: pip install 'tuneport[serve]'")
-    check_port(host, port)
+    host = check_listen("serve", host, port, api_key, "the server needs an API key: pass --api-key KEY", API_KEY_ENV)
     engine = load_engine(model, adapter, device, limits, name, log_prompts)
     limits = engine.limits
 

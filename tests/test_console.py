@@ -5,6 +5,7 @@ screenshot in its temporary folder, and fails on any page request to a host othe
 The security tests and the run-folder reading need no browser.
 """
 
+import http.client
 import json
 import os
 import re
@@ -25,6 +26,9 @@ import pytest
 
 from tuneport.core import runs
 from tuneport.core.cli import main
+from tuneport.core.console import Console
+from tuneport.core.errors import RunError, Stopped
+from tuneport.core.run import record_outcome
 from tuneport.core.rundir import RunLock
 
 pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
@@ -44,8 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tuneport(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*ENTRY, *args], capture_output=True, text=True, timeout=600, **kwargs)
+def tuneport(capsys, *args: str) -> tuple[int, str, str]:
+    """The command line in this process, as `tuneport ARGS` runs it: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def demo(folder: Path, *overrides: str) -> subprocess.Popen:
@@ -186,7 +194,7 @@ def test_the_runs_list_shows_each_status_and_a_running_runs_curve_gains_points(p
 
 
 @pytest.mark.browser
-def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, console, root):
+def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, console, root, capsys):
     page.goto(f"{console}/#/start")
     page.locator("#name").fill("started")
     page.locator("#device").select_option("cpu")
@@ -194,12 +202,12 @@ def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, c
     page.locator("#memory").fill("2GiB")
     page.locator("#estimate").click()  # tuneport estimate's table and verdict, before starting
     assert page.locator("#fits").inner_text() == "fits in 2GiB"
-    cli = tuneport("estimate", "builtin:demo.yaml", "train.max_steps=100000", "save.every=100000", "--device", "cpu",
-                   "--memory", "2GiB")
+    code, out, _ = tuneport(capsys, "estimate", "builtin:demo.yaml", "train.max_steps=100000", "save.every=100000",
+                            "--device", "cpu", "--memory", "2GiB")
     shown = page.locator("#start-result pre").inner_text().splitlines()
-    verdict = [line for line in cli.stdout.splitlines() if "fits in 2 GiB" in line]
-    assert cli.returncode == 0 and shown[0] == cli.stdout.splitlines()[0]  # the same estimate (its runtime share is
-    assert verdict == ["the recipe (checkpointing auto: off) fits in 2 GiB: yes"] and verdict[0] in shown  # measured)
+    verdict = [line for line in out.splitlines() if "fits in 2 GiB" in line]
+    assert code == 0 and shown[0] == out.splitlines()[0]  # the same estimate (its runtime share is measured)
+    assert verdict == ["the recipe (checkpointing auto: off) fits in 2 GiB: yes"] and verdict[0] in shown
     page.locator("#start").click()
     page.wait_for_url("**/#/run/started")
     folder = root / "started"
@@ -224,7 +232,7 @@ def test_a_run_started_from_the_page_stops_with_a_checkpoint_and_resumes(page, c
 
 
 @pytest.mark.browser
-def test_a_bad_override_shows_the_clis_one_line_error_and_writes_nothing(page, console, root, tmp_path):
+def test_a_bad_override_shows_the_clis_one_line_error_and_writes_nothing(page, console, root, tmp_path, capsys):
     before = sorted(p.name for p in root.iterdir())
     page.goto(f"{console}/#/start")
     page.locator("#name").fill("bad")
@@ -232,9 +240,9 @@ def test_a_bad_override_shows_the_clis_one_line_error_and_writes_nothing(page, c
     page.locator("#start").click()
     shown = page.locator("#start-error")
     shown.wait_for()
-    cli = tuneport("train", "builtin:demo.yaml", "train.lr=fast", f"output_dir={tmp_path / 'bad'}")
-    expected = [line for line in cli.stderr.splitlines() if line.startswith("error:")]
-    assert cli.returncode == 2 and len(expected) == 1 and "train.lr" in expected[0]
+    code, _, err = tuneport(capsys, "train", "builtin:demo.yaml", "train.lr=fast", f"output_dir={tmp_path / 'bad'}")
+    expected = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(expected) == 1 and "train.lr" in expected[0]
     assert shown.inner_text() == expected[0]
     assert sorted(p.name for p in root.iterdir()) == before and not (tmp_path / "bad").exists()
 
@@ -249,12 +257,12 @@ def test_the_compare_view_lists_the_recipe_keys_that_differ(page, console):
 
 
 @pytest.mark.browser
-def test_the_chat_panel_streams_the_adapters_greedy_reply_as_tuneport_chat_gives_it(page, console, root):
+def test_the_chat_panel_streams_the_adapters_greedy_reply_as_tuneport_chat_gives_it(page, console, root, capsys):
     folder = root / "finished"
-    chat = tuneport("chat", "--model", str(folder / "base_model"), "--adapter", str(folder / "adapter"), "--device",
-                    "cpu", "--prompt", PROMPT)
-    assert chat.returncode == 0, chat.stderr
-    expected = chat.stdout.strip()
+    code, out, err = tuneport(capsys, "chat", "--model", str(folder / "base_model"), "--adapter", str(folder / "adapter"),
+                              "--device", "cpu", "--prompt", PROMPT)
+    assert code == 0, err
+    expected = out.strip()
     assert expected  # the demo adapter answers its training question
     page.goto(f"{console}/#/run/finished")
     page.locator("#chat-input").fill(PROMPT)
@@ -361,7 +369,14 @@ def test_other_hosts_and_origins_are_refused(console):
     json_type = {"Content-Type": "application/json"}
     assert get(console + "/api/start", {**json_type, "Origin": "http://attacker.example"}, "POST", body)[0] == 403
     assert get(console + "/api/start", {"Content-Type": "text/plain"}, "POST", body)[0] == 415
-    assert get(console + "/api/start", json_type, "POST", b"x" * (2 << 20))[0] == 413
+    for length in ({"Content-Length": str(2 << 20)}, {"Transfer-Encoding": "chunked"}):  # too long, or unsaid
+        connection = http.client.HTTPConnection(urlparse(console).netloc, timeout=30)
+        connection.putrequest("POST", "/api/start")
+        for header, value in {**json_type, **length}.items():
+            connection.putheader(header, value)
+        connection.endheaders()  # refused on its headers, before any of the body is read
+        assert connection.getresponse().status == 413
+        connection.close()
 
 
 # --- run folders as the console reads them --------------------------------------------------------------
@@ -391,6 +406,31 @@ def test_runs_are_found_and_named_under_a_relative_folder(root, monkeypatch):
     found = runs.find_runs(Path(root.name))
     assert {runs.summary(Path(root.name), f)["name"] for f in found} >= {"finished", "diverged"}
     assert runs.run_folder(Path(root.name), "finished") == (root / "finished").resolve()
+
+
+def test_a_run_records_how_it_ended(root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "finished", copy)
+    record_outcome(copy, RunError("data.train: file 'x.jsonl' line 3: not JSON\nmore"))
+    assert runs.status(copy) == {"status": "failed", "pid": None, "message": "data.train: file 'x.jsonl' line 3: not JSON"}
+    record_outcome(copy, Stopped(signal.SIGTERM, 60, copy / "checkpoints" / "step-60"))
+    assert runs.status(copy)["status"] == "stopped" and "SIGTERM after step 60" in runs.status(copy)["message"]
+    record_outcome(tmp_path / "not-a-run", None)  # a folder the run removed again: nothing is written
+    assert not (tmp_path / "not-a-run").exists()
+
+
+def test_chat_models_load_on_first_use_and_unload_when_idle(root):
+    console = Console(root, "cpu", unload_after_s=600)
+    engine = console.engine(root / "finished", "adapter")
+    assert console.engine(root / "finished", "adapter") is engine and len(console.models) == 1
+    base = console.engine(root / "finished", "base")
+    assert base is not engine and len(console.models) == 2
+    console.unload_idle()
+    assert len(console.models) == 2  # used just now
+    console.unload_after_s = 0.0
+    console.unload_idle()
+    assert console.models == {}
+    assert console.engine(root / "finished", "adapter") is not engine  # loaded again
 
 
 def test_metrics_are_read_as_they_grow_and_again_after_a_resume_rewrites_them(tmp_path):

@@ -116,6 +116,10 @@ function runView(name) {
     draw();
   });
   events.addEventListener("run", (e) => showRun(name, JSON.parse(e.data), head, details));
+  events.onerror = () => api(`/api/runs/${enc(name)}`).catch((e) => {  // gone: say why, and stop retrying
+    events.close();
+    head.replaceChildren(el("div", { id: "run-error", class: "error" }, e.message));
+  });
   leave.push(() => events.close());
 }
 
