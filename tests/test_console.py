@@ -282,6 +282,31 @@ def test_the_chat_panel_streams_the_adapters_greedy_reply_as_tuneport_chat_gives
 
 
 @pytest.mark.browser
+def test_the_run_page_shows_the_runs_eval_scores_and_parity_report(page, console, root, capsys):
+    folder = root / "finished"
+    model, adapter = str(folder / "base_model"), str(folder / "adapter")
+    code, _, err = tuneport(capsys, "eval", "--model", model, "--adapter", adapter, "--data", "builtin:demo/data.jsonl",
+                            "--device", "cpu", "--max-new-tokens", "32")  # into RUN/eval/, its default
+    assert code == 0, err
+    code, _, err = tuneport(capsys, "parity", "--model", model, "--adapter", adapter, "--a", "cpu", "--b", "cpu",
+                            "--dtype-b", "bf16", "--out", str(folder / "parity"))
+    assert code in (0, 1), err  # the report is written either way; 1: some row is past its bf16 tolerance
+    scored = json.loads((folder / "eval" / "eval.json").read_text())["metrics"]
+    page.goto(f"{console}/#/run/finished")
+    cells = page.locator("#eval tr td")
+    cells.first.wait_for()
+    names = page.locator("#eval th").all_inner_texts()
+    assert sorted(names) == sorted(scored) and cells.all_inner_texts() == [f"{round(scored[k], 2):g}" for k in names]
+    report = json.loads((folder / "parity" / "parity.json").read_text())
+    assert page.locator("#parity tr td:first-child").all_inner_texts() == [r["row"] for r in report["rows"]]
+    verdict = "every row passes" if report["passed"] else "some rows fail"
+    assert report["passed"] == (code == 0) and verdict in page.locator("h2", has_text="tuneport parity").inner_text()
+    plot = page.locator('img[alt="parity plot"]')
+    plot.wait_for()
+    assert plot.evaluate("img => img.complete && img.naturalWidth > 0")
+
+
+@pytest.mark.browser
 def test_the_page_guard_catches_a_request_to_another_host(browser, console, tmp_path):
     for bypass_csp in (False, True):  # stopped by the console's CSP, and (without it) by the route
         planted = guarded_page(browser, console, bypass_csp)

@@ -155,7 +155,8 @@ function showRun(name, run, head, details) {
     parts.push(el("h2", {}, `tuneport eval: ${reports.eval.data?.file ?? ""}`),
       table(Object.keys(metrics), el("tr", {}, Object.values(metrics).map((v) => el("td", { class: "num" }, num(v, 2)))), { id: "eval" }),
       table(["prompt", "reference", "prediction"], reports.eval.predictions.map((p) =>
-        el("tr", {}, el("td", {}, String(p.prompt ?? "").slice(-80)), el("td", {}, p.reference), el("td", {}, p.prediction)))));
+        el("tr", {}, el("td", {}, String(p.prompt ?? "").slice(-80)), el("td", {}, p.reference), el("td", {}, p.prediction))),
+        { id: "predictions", class: "wrap" }));
   }
   if (reports.parity) {
     const p = reports.parity;
