@@ -175,8 +175,11 @@ def main(argv: Optional[list[str]] = None, guard: Optional[StartupGuard] = None)
     without one (a call from Python), signals keep their handlers."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     guard = guard or StartupGuard()
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:  # a signal while the parser is built (before any command runs) is the start-up guard's one line too
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt as e:
+        return report(e, guard)
     if not args.verbose:
         hide_harmless_warnings()
     # `key=value` overrides may come after options too (`train RECIPE --device cpu train.lr=1e-4`).
