@@ -160,12 +160,13 @@ def read_recipe(folder: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def status(folder: Path) -> dict:
-    """{"status": one of STATUSES, "pid": the lock holder's or None, "message": why it ended, or ""}."""
+def status(folder: Path, record: Optional[dict] = None) -> dict:
+    """{"status": one of STATUSES, "pid": the lock holder's or None, "message": why it ended, or ""}. `record`: the
+    run's run.json when the caller has read it already."""
     pid = lock_holder(folder)
     if pid is not None:
         return {"status": "running", "pid": pid, "message": ""}
-    outcome = read_json_object(folder / "run.json").get("outcome")
+    outcome = (read_json_object(folder / "run.json") if record is None else record).get("outcome")
     if isinstance(outcome, dict) and outcome.get("status") in STATUSES:
         return {"status": outcome["status"], "pid": None, "message": str(outcome.get("message", ""))}
     if (folder / "adapter").is_dir():
@@ -175,15 +176,16 @@ def status(folder: Path) -> dict:
     return {"status": "failed", "pid": None, "message": "the run ended without a checkpoint or a recorded reason"}
 
 
-def summary(root: Path, folder: Path) -> dict:
+def summary(root: Path, folder: Path, record: Optional[dict] = None) -> dict:
     """A run's line in the console's list: its name, status, what it trains and where, and its newest step."""
-    recipe, record = read_recipe(folder), read_json_object(folder / "run.json")
+    recipe = read_recipe(folder)
+    record = read_json_object(folder / "run.json") if record is None else record
     last = last_record(folder)
     method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
     objective = recipe.get("objective") if isinstance(recipe.get("objective"), dict) else {}
     return {
         "name": folder.resolve().relative_to(root.resolve()).as_posix() or ".",
-        **status(folder),
+        **status(folder, record),
         "created": (read_marker(folder) or {}).get("created", ""),
         "model": recipe.get("model"), "method": method.get("name"), "objective": objective.get("name", "sft"),
         "device": record.get("device") or recipe.get("device"), "framework": recipe.get("framework"),
@@ -199,7 +201,7 @@ def details(root: Path, folder: Path) -> dict:
     record = read_json_object(folder / "run.json")
     found = checkpoints.checkpoint_dirs(folder / "checkpoints")
     return {
-        **summary(root, folder),
+        **summary(root, folder, record),
         "recipe": flatten(read_recipe(folder)),
         "baseline": record.get("baseline"), "forgetting": record.get("forgetting"),
         "resumes": record.get("resumes", []), "versions": record.get("versions", {}),
